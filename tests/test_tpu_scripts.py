@@ -1,0 +1,54 @@
+"""The TPU pod launcher builds the exact gcloud commands (checked with --dry-run)."""
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dry_run(*args):
+    out = subprocess.run([sys.executable, str(ROOT / "tpu" / "pod.py"), "--name=pod1", "--zone=us-central2-b",
+                          "--dry-run", *args], capture_output=True, text=True, check=True).stdout
+    return [shlex.split(line) for line in out.strip().splitlines()]
+
+
+def test_create():
+    (cmd,) = _dry_run("create", "--accelerator=v4-32", "--spot")
+    assert cmd == ["gcloud", "compute", "tpus", "tpu-vm", "create", "pod1", "--zone=us-central2-b",
+                   "--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base", "--spot"]
+
+
+def test_install_runs_on_every_worker_with_pinned_set():
+    (cmd,) = _dry_run("install", "--repo=https://example.org/vlax.git", "--ref=v0.1")
+    assert cmd[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod1", "--zone=us-central2-b"]
+    assert "--worker=all" in cmd
+    remote = cmd[-1]
+    assert remote.startswith("--command=")
+    assert "git checkout -q v0.1" in remote and "-c constraints.txt" in remote and "jax[tpu]" in remote
+
+
+def test_launch_passes_training_flags_through():
+    (cmd,) = _dry_run("launch", "--", "--config=experiments/configs/metaworld.py:small",
+                      "--config.model.head=flow")
+    remote = cmd[-1]
+    assert "--worker=all" in cmd
+    assert ("-m experiments.train --config=experiments/configs/metaworld.py:small --config.model.head=flow"
+            in remote)
+    assert remote.endswith("> ~/vlax_train.log 2>&1 &")
+
+
+def test_logs_and_delete():
+    (logs,) = _dry_run("logs", "--worker=3")
+    assert "--worker=3" in logs and logs[-1] == "--command=tail -n 200 -f ~/vlax_train.log"
+    (delete,) = _dry_run("delete")
+    assert delete[4:6] == ["delete", "pod1"] and delete[-1] == "--quiet"
+
+
+def test_missing_required_flag_is_reported():
+    proc = subprocess.run([sys.executable, str(ROOT / "tpu" / "pod.py"), "--name=p", "--zone=z", "create"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--accelerator" in proc.stderr
