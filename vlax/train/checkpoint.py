@@ -1,0 +1,75 @@
+"""Orbax checkpoints that describe themselves.
+
+Each step directory holds the train state (arrays, restored with the target's shardings) and JSON items:
+``config`` (the fully resolved config), ``normalization`` (the normalization artifact), ``tokenizer`` and
+``data`` (the data iterator position). Saves are asynchronous and atomic (orbax writes to a temporary directory
+and renames it on commit), old steps are pruned to ``max_to_keep``, and :meth:`Checkpointer.restore_latest`
+resumes from the newest complete step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+JSON_ITEMS = ("config", "normalization", "tokenizer", "data")
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute() if "://" not in str(directory) else directory
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                               create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", *JSON_ITEMS))
+
+    @property
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, *, force: bool = False, **json_items: Any) -> bool:
+        """Start saving ``state`` (a pytree of arrays) and JSON-serialisable ``json_items`` at ``step``."""
+        unknown = set(json_items) - set(JSON_ITEMS)
+        if unknown:
+            raise ValueError(f"unknown checkpoint items {sorted(unknown)}; known: {list(JSON_ITEMS)}")
+        items = {"state": ocp.args.StandardSave(state)}
+        items.update({k: ocp.args.JsonSave(v) for k, v in json_items.items() if v is not None})
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+        """State at ``step`` laid out like ``target`` (arrays or ``jax.ShapeDtypeStruct`` with shardings)."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        present = set(self._manager.item_metadata(step).keys()) if hasattr(self._manager, "item_metadata") else set()
+        items = {"state": ocp.args.StandardRestore(abstract)}
+        items.update({k: ocp.args.JsonRestore() for k in JSON_ITEMS if not present or k in present})
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        meta = {k: restored[k] for k in JSON_ITEMS if k in restored and restored[k] is not None}
+        return restored["state"], meta
+
+    def restore_latest(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
+        """``(step, state, json items)`` of the newest checkpoint, or ``None`` when there is none."""
+        step = self.latest_step
+        if step is None:
+            return None
+        state, meta = self.restore(step, target)
+        return step, state, meta
+
+    def read_json(self, step: int | None, name: str) -> Any:
+        """One JSON item (e.g. the config) without touching the arrays; ``step=None`` is the latest."""
+        step = self.latest_step if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return self._manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name]
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
