@@ -5,6 +5,7 @@ Everything here is plain Flax NNX; parameters carry logical axis names (see :mod
 
 from vlax.nn.attention import Attention, dot_product_attention
 from vlax.nn.blocks import DecoderBlock
+from vlax.nn.context import ContextSpec, HeadContext, LanguageModel, unpack_decode
 from vlax.nn.kv_cache import KVCache
 from vlax.nn.linear import Dense, Embed
 from vlax.nn.lora import LoRADense, LoRAParam, apply_lora, merge_lora
@@ -20,4 +21,5 @@ __all__ = [
     "merge_lora", "make_attn_mask", "positions_from_mask", "prefix_suffix_mask", "GatedMlp", "Mlp", "activation",
     "LayerNorm", "LayerScale", "RMSNorm", "count_params", "logical_axes_of", "param", "RopeConfig", "apply_rope",
     "inverse_frequencies", "DecoderBlock", "REMAT_POLICIES", "remat_policy", "scan_layers", "stack_layers",
+    "ContextSpec", "HeadContext", "LanguageModel", "unpack_decode",
 ]
