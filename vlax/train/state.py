@@ -1,0 +1,111 @@
+"""Train state and the sharded, jitted train step.
+
+The model lives as ``graphdef`` + pure parameter arrays, so the step is a pure function that ``jax.jit`` compiles
+once with explicit in/out shardings and a donated state (no Python walk of the module graph per step).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vlax.train.optimizer import ema_update
+from vlax.train.sharding import batch_sharding, state_shardings
+
+LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any          # nnx.State of the trainable nnx.Param variables
+    rest: Any            # every other variable of the model (kept, not trained)
+    opt_state: Any
+    rng: jax.Array       # base key; step keys are fold_in(rng, step), so a resumed run draws the same numbers
+    ema: Any = None
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, rest
+
+
+def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, rng: jax.Array, *,
+                       mesh: Mesh | None = None, use_ema: bool = False) -> tuple[nnx.GraphDef, TrainState, Any]:
+    """``(graphdef, state, state_shardings)``; with a mesh, parameters are placed by the logical-axis rules."""
+    graphdef, params, rest = split_model(model)
+    if mesh is not None:
+        params = jax.device_put(params, state_shardings(params, mesh))
+        rest = jax.device_put(rest, state_shardings(rest, mesh))
+    opt_state = jax.jit(tx.init)(params)  # moments inherit the parameters' shardings
+    if mesh is not None:  # scalars (step counts) come back on one device: replicate them
+        replicated = NamedSharding(mesh, PartitionSpec())
+        opt_state = jax.tree.map(
+            lambda x: x if isinstance(getattr(x, "sharding", None), NamedSharding) else jax.device_put(x, replicated),
+            opt_state)
+    ema = jax.tree.map(jnp.copy, params) if use_ema else None
+    state = TrainState(step=jnp.asarray(0, jnp.int32), params=params, rest=rest, opt_state=opt_state,
+                       rng=rng, ema=ema)
+    if mesh is not None:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        state = state.replace(step=jax.device_put(state.step, replicated), rng=jax.device_put(rng, replicated))
+    shardings = jax.tree.map(lambda x: x.sharding, state) if mesh is not None else None
+    return graphdef, state, shardings
+
+
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation, *,
+                    ema_decay: float | None = None, learning_rate_fn: Callable | None = None):
+    """Pure ``step(state, batch) -> (state, metrics)``; jit it with :func:`jit_train_step`."""
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        step_rng = jax.random.fold_in(state.rng, state.step)
+
+        def compute(params):
+            model = nnx.merge(graphdef, params, state.rest)
+            return loss_fn(model, batch, step_rng)
+
+        (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = ema_update(state.ema, params, ema_decay) if state.ema is not None and ema_decay else state.ema
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        if learning_rate_fn is not None:
+            metrics["learning_rate"] = learning_rate_fn(state.step)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+        return new_state, metrics
+
+    return step
+
+
+def jit_train_step(step_fn, state_shardings_tree: Any = None, mesh: Mesh | None = None):
+    """``jax.jit`` with the state donated; with a mesh, batch leaves are split over ``data`` x ``fsdp``."""
+    if mesh is None:
+        return jax.jit(step_fn, donate_argnums=0)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def batch_shardings(batch):
+        return jax.tree.map(lambda x: batch_sharding(mesh, jnp.ndim(x)), batch)
+
+    cache = {}  # one compiled step per batch structure
+
+    def call(state, batch):
+        key = jax.tree.structure(batch)
+        if key not in cache:
+            cache[key] = jax.jit(step_fn, donate_argnums=0,
+                                 in_shardings=(state_shardings_tree, batch_shardings(batch)),
+                                 out_shardings=(state_shardings_tree, replicated))
+        return cache[key](state, batch)
+
+    return call
+
+
+def check_finite(step: int, metrics: dict) -> None:
+    """Stop a run on a NaN/inf loss, naming the step."""
+    loss = float(metrics["loss"])
+    if not jnp.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} at step {step}; stopping (last checkpoint is intact)")
