@@ -35,25 +35,30 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
     return graphdef, params, rest
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """Lay out ``tree`` (identical on every host) with ``shardings``; works across processes, unlike device_put."""
+    return jax.jit(lambda x: x, out_shardings=shardings)(tree)
+
+
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, rng: jax.Array, *,
                        mesh: Mesh | None = None, use_ema: bool = False) -> tuple[nnx.GraphDef, TrainState, Any]:
     """``(graphdef, state, state_shardings)``; with a mesh, parameters are placed by the logical-axis rules."""
     graphdef, params, rest = split_model(model)
     if mesh is not None:
-        params = jax.device_put(params, state_shardings(params, mesh))
-        rest = jax.device_put(rest, state_shardings(rest, mesh))
+        params = place(params, state_shardings(params, mesh))
+        rest = place(rest, state_shardings(rest, mesh))
     opt_state = jax.jit(tx.init)(params)  # moments inherit the parameters' shardings
     if mesh is not None:  # scalars (step counts) come back on one device: replicate them
         replicated = NamedSharding(mesh, PartitionSpec())
-        opt_state = jax.tree.map(
-            lambda x: x if isinstance(getattr(x, "sharding", None), NamedSharding) else jax.device_put(x, replicated),
-            opt_state)
+        opt_state = place(opt_state, jax.tree.map(
+            lambda x: x.sharding if isinstance(getattr(x, "sharding", None), NamedSharding) else replicated,
+            opt_state))
     ema = jax.tree.map(jnp.copy, params) if use_ema else None
     state = TrainState(step=jnp.asarray(0, jnp.int32), params=params, rest=rest, opt_state=opt_state,
                        rng=rng, ema=ema)
     if mesh is not None:
         replicated = NamedSharding(mesh, PartitionSpec())
-        state = state.replace(step=jax.device_put(state.step, replicated), rng=jax.device_put(rng, replicated))
+        state = state.replace(step=place(state.step, replicated), rng=place(rng, replicated))
     shardings = jax.tree.map(lambda x: x.sharding, state) if mesh is not None else None
     return graphdef, state, shardings
 
