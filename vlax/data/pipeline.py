@@ -1,0 +1,250 @@
+"""The data pipeline: sources -> normalization -> trajectory transforms -> mixture -> frame transforms -> batches.
+
+``build_pipeline`` wires the pieces for one or many sources and returns a :class:`DataPipeline` whose iterator yields
+numpy batches in the standard schema (documented in :mod:`vlax.data`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from vlax.data import frame_transforms, mixture, normalization, sources, traj_transforms
+from vlax.data.rlds_reader import raise_for_corrupted
+
+# Salts that keep the random streams of the different stages apart.
+_SALT_GOAL, _SALT_LANGUAGE, _SALT_SUBSAMPLE, _SALT_AUGMENT = 11, 12, 13, 14
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Options of the pipeline (one value per field; a config file can set any of them)."""
+
+    batch_size: int = 64
+    window: int = 1  # observation window W
+    action_horizon: int = 1  # action chunk H
+    image_size: int | Mapping[str, tuple[int, int]] = 128  # square size for every camera, or camera -> (H, W)
+    normalization: str = "bounds"  # normal | bounds | none
+    normalization_masks: Mapping[str, tuple[bool, ...]] | None = None  # default: all dims but the gripper
+    max_action_dim: int | None = None  # pad actions to this (default: the largest over the sources)
+    max_state_dim: int | None = None
+    goal_relabeling: bool = False  # uniform future-frame goal images/state under ``task``
+    drop_language_prob: float = 0.0
+    subsample_length: int | None = None
+    augment: bool = True  # only when train
+    augment_config: frame_transforms.AugmentConfig = frame_transforms.AugmentConfig()
+    shuffle_buffer: int = 10_000  # frames
+    train: bool = True  # repeat + shuffle + augment; False gives one ordered pass without augmentation
+    seed: int = 0
+    balance_by_size: bool = False
+    num_parallel_calls: int = 16  # trajectory-transform threads, shared across sources by weight
+    prefetch: int = 2
+    stats_cache_dir: str | None = None  # default: normalization.default_cache_dir()
+    drop_remainder: bool = True
+
+
+@dataclasses.dataclass
+class DataPipeline:
+    """A built pipeline: ``iter(pipeline)`` yields numpy batches."""
+
+    dataset: tf.data.Dataset
+    artifacts: dict[str, normalization.NormalizationArtifact]
+    probabilities: np.ndarray
+    sources: list[Any]
+
+    @property
+    def files(self) -> list[str]:
+        return [f for s in self.sources for f in s.files]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        iterator = self.dataset.as_numpy_iterator()
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except tf.errors.DataLossError as e:
+                raise_for_corrupted(self.files, e)
+            yield batch
+
+
+def _image_sizes(config: DataConfig, cameras: Sequence[str]) -> dict[str, tuple[int, int]]:
+    if isinstance(config.image_size, int):
+        return {c: (config.image_size, config.image_size) for c in cameras}
+    return {c: tuple(s) for c, s in config.image_size.items()}
+
+
+def make_artifact(
+    source: Any, config: DataConfig, max_action_dim: int, max_state_dim: int
+) -> normalization.NormalizationArtifact:
+    """Statistics of ``source`` (cached by its fingerprint) packaged with the config's normalization choices."""
+    keys = ("action", "state") if source.state_dim else ("action",)
+    dataset_hash = source.fingerprint()
+
+    def compute():
+        trajs = list(source.numeric_trajectories())
+        return normalization.compute_statistics({k: [t[k] for t in trajs] for k in keys})
+
+    cache_dir = config.stats_cache_dir or normalization.default_cache_dir()
+    stats = normalization.load_or_compute_stats(cache_dir, dataset_hash, keys, compute)
+    masks = normalization.default_masks(stats, keys, source.gripper_last)
+    if config.normalization_masks:
+        masks.update({k: tuple(v) for k, v in config.normalization_masks.items() if k in keys})
+    padded = {"action": max_action_dim, "state": max_state_dim}
+    return normalization.NormalizationArtifact(
+        type=config.normalization,
+        keys=keys,
+        masks=masks,
+        padded_dims={k: padded[k] for k in keys},
+        stats=stats,
+        dataset_hash=dataset_hash,
+        dataset_name=source.name,
+    )
+
+
+def _normalize(traj: dict, artifact: normalization.NormalizationArtifact) -> dict:
+    traj = dict(traj)
+    traj["action"] = artifact.tf_normalize("action", traj["action"])
+    if "state" in artifact.keys:
+        traj["observation"] = {**traj["observation"], "state": artifact.tf_normalize("state", traj["observation"]["state"])}
+    return traj
+
+
+def _ensure_state(traj: dict, has_state: bool, max_state_dim: int) -> dict:
+    """Datasets without state get a zero state of dim 0 (padded later) whose pad mask is False."""
+    if has_state or not max_state_dim:
+        return traj
+    length = tf.shape(traj["action"])[0]
+    observation = {**traj["observation"], "state": tf.zeros([length, 0], tf.float32)}
+    return {**traj, "observation": observation}
+
+
+def _seed(base: int, salt: int, index: tf.Tensor) -> tf.Tensor:
+    return tf.random.experimental.stateless_fold_in(tf.constant([base, salt], tf.int64), index)
+
+
+def trajectory_transforms(
+    traj_ds: tf.data.Dataset,
+    config: DataConfig,
+    artifact: normalization.NormalizationArtifact | None,
+    *,
+    max_action_dim: int | None,
+    max_state_dim: int | None,
+    has_state: bool = True,
+    num_parallel_calls: int = tf.data.AUTOTUNE,
+    seed_offset: int = 0,
+) -> tf.data.Dataset:
+    """Applies normalization and the trajectory transforms in order (pad masks -> pad dims -> goal relabelling ->
+    language dropping -> chunking -> subsampling) to a dataset of standard trajectories."""
+
+    def transform(index, traj):
+        if artifact is not None:
+            traj = _normalize(traj, artifact)
+        traj = _ensure_state(traj, has_state, max_state_dim or 0)
+        traj = traj_transforms.add_pad_masks(traj)
+        if not has_state and "state" in traj["observation"]:
+            masks = dict(traj["observation"]["pad_mask_dict"])
+            masks["state"] = tf.zeros_like(masks["state"])
+            traj["observation"]["pad_mask_dict"] = masks
+        traj = traj_transforms.pad_action_and_state_dims(traj, max_action_dim, max_state_dim)
+        seed_index = index + seed_offset
+        if config.goal_relabeling:
+            traj = traj_transforms.relabel_goals_uniform(traj, _seed(config.seed, _SALT_GOAL, seed_index))
+        traj = traj_transforms.drop_language(
+            traj, _seed(config.seed, _SALT_LANGUAGE, seed_index), config.drop_language_prob
+        )
+        traj = traj_transforms.chunk(traj, config.window, config.action_horizon)
+        return traj_transforms.subsample(traj, _seed(config.seed, _SALT_SUBSAMPLE, seed_index), config.subsample_length)
+
+    return traj_ds.enumerate().map(transform, num_parallel_calls=num_parallel_calls, deterministic=True)
+
+
+def frame_transforms_fn(config: DataConfig, cameras: Sequence[str]):
+    """The per-frame function (decode + resize, then augmentation when training) taking (index, frame)."""
+    sizes = _image_sizes(config, cameras)
+
+    def transform(index, frame):
+        frame = frame_transforms.decode_and_resize(frame, sizes)
+        if config.train and config.augment:
+            frame = frame_transforms.augment(frame, _seed(config.seed, _SALT_AUGMENT, index), config.augment_config)
+        return frame
+
+    return transform
+
+
+def _cameras(traj_ds: tf.data.Dataset) -> list[str]:
+    return sorted(k[len("image_") :] for k in traj_ds.element_spec["observation"] if k.startswith("image_"))
+
+
+def build_pipeline(
+    data_sources: Sequence[Any],
+    config: DataConfig,
+    *,
+    weights: Sequence[float] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    expected_artifacts: Mapping[str, normalization.NormalizationArtifact] | None = None,
+) -> DataPipeline:
+    """Builds the batched pipeline over one or more sources.
+
+    Args:
+      data_sources: sources (:class:`~vlax.data.rlds_reader.RLDSSource`, :class:`~vlax.data.lerobot_v3.LeRobotSource`,
+        :class:`~vlax.data.sources.InMemorySource`) with distinct names.
+      weights: mixture weights (None: equal), optionally multiplied by dataset sizes (``config.balance_by_size``).
+      process_index / process_count: this host's shard (default from JAX).
+      expected_artifacts: normalization recorded with a checkpoint, by dataset name; a mismatch raises
+        :class:`~vlax.data.normalization.NormalizationMismatchError` naming the field.
+
+    Returns:
+      A :class:`DataPipeline` yielding batches with leading dim ``config.batch_size`` (the per-host batch).
+    """
+    if not data_sources:
+        raise ValueError("build_pipeline needs at least one source")
+    names = [s.name for s in data_sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Source names must be distinct, got {names}")
+    index, count = sources.resolve_process(process_index, process_count)
+    max_action_dim = config.max_action_dim or max(s.action_dim for s in data_sources)
+    max_state_dim = config.max_state_dim if config.max_state_dim is not None else max(s.state_dim for s in data_sources)
+
+    artifacts = {s.name: make_artifact(s, config, max_action_dim, max_state_dim) for s in data_sources}
+    if expected_artifacts is not None:
+        for name, expected in expected_artifacts.items():
+            if name not in artifacts:
+                raise ValueError(f"Recorded normalization for dataset {name!r}, but the sources are {names}")
+            normalization.check_compatible(expected, artifacts[name])
+    sizes = [artifacts[s.name].stats["action"]["count"] for s in data_sources]
+    probabilities = mixture.mixture_weights(weights, sizes, config.balance_by_size)
+    threads = mixture.allocate_threads(config.num_parallel_calls, probabilities)
+
+    frame_datasets = []
+    for i, (source, num_threads) in enumerate(zip(data_sources, threads)):
+        traj_ds = source.trajectories(
+            index, count, seed=config.seed + i, shuffle=config.train, repeat=config.train
+        )
+        traj_ds = trajectory_transforms(
+            traj_ds,
+            config,
+            artifacts[source.name] if config.normalization != "none" else None,
+            max_action_dim=max_action_dim,
+            max_state_dim=max_state_dim or None,
+            has_state=bool(source.state_dim),
+            num_parallel_calls=num_threads,
+            seed_offset=i << 32,
+        )
+        frame_datasets.append(traj_ds.flat_map(tf.data.Dataset.from_tensor_slices))
+    ds = mixture.sample_mixture(frame_datasets, probabilities, seed=config.seed)
+    if config.train:
+        ds = ds.shuffle(config.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
+    cameras = _cameras(frame_datasets[0])
+    ds = ds.enumerate().map(
+        frame_transforms_fn(config, cameras), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    ds = ds.batch(config.batch_size, drop_remainder=config.drop_remainder, num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    ds = ds.with_options(options).prefetch(config.prefetch)
+    return DataPipeline(ds, artifacts, probabilities, list(data_sources))
