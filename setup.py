@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     # tensorflow-datasets imports it without declaring it.
     "importlib_resources",
     "tqdm",
+    "tokenizers>=0.20",
     "pyarrow>=15",
 ]
 
