@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.NAME`; results are recorded in BENCHMARKS.md."""
