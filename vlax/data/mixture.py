@@ -31,14 +31,22 @@ def mixture_weights(
 
 
 def allocate_threads(total: int, weights: Sequence[float]) -> list[int]:
-    """Splits ``total`` parallel calls across datasets in proportion to ``weights`` (at least 1 each)."""
+    """Splits ``total`` parallel calls across datasets in proportion to ``weights``; every dataset gets at least 1
+    (so the sum exceeds ``total`` only when there are more datasets than threads)."""
     weights = np.asarray(weights, np.float64)
     weights = weights / weights.sum()
-    threads = np.maximum(1, np.floor(weights * total)).astype(int)
-    # Hand out what rounding left over to the datasets furthest below their share.
-    for _ in range(max(0, total - int(threads.sum()))):
-        threads[int(np.argmax(weights * total - threads))] += 1
-    return threads.tolist()
+    threads = np.zeros(len(weights), int)
+    small = weights * total < 1
+    threads[small] = 1
+    rest = max(0, total - int(small.sum()))
+    if (~small).any():
+        share = weights[~small] / weights[~small].sum() * rest
+        big = np.floor(share).astype(int)
+        # Hand out what rounding left over to the largest remainders.
+        for i in np.argsort(big - share)[: rest - int(big.sum())]:
+            big[i] += 1
+        threads[~small] = big
+    return np.maximum(threads, 1).tolist()
 
 
 def sample_mixture(datasets: Sequence[tf.data.Dataset], probabilities: Sequence[float], seed: int) -> tf.data.Dataset:

@@ -85,6 +85,9 @@ def make_artifact(
     dataset_hash = source.fingerprint()
 
     def compute():
+        precomputed = source.precomputed_stats() if hasattr(source, "precomputed_stats") else None
+        if precomputed is not None and all(k in precomputed for k in keys):
+            return {k: precomputed[k] for k in keys}
         trajs = list(source.numeric_trajectories())
         return normalization.compute_statistics({k: [t[k] for t in trajs] for k in keys})
 
