@@ -175,3 +175,10 @@ def test_abstract_shapes_need_no_allocation():
     shapes = param_shapes(nnx.eval_shape(lambda: Tiny(nnx.Rngs(0))))
     assert shapes["proj.kernel"] == jax.ShapeDtypeStruct((3, 4), jnp.float32)
     assert shapes["layers.scale"].shape == (2, 4)
+
+
+def test_tensor_names_reads_headers_only(tmp_path):
+    _write_dir(tmp_path, _torch_tensors(), shards=2)
+    from vlax.weights.common import tensor_names
+
+    assert tensor_names(tmp_path) == sorted(_torch_tensors())

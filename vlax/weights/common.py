@@ -162,6 +162,11 @@ def read_safetensors(
     return out
 
 
+def tensor_names(path: str | Path) -> list[str]:
+    """Names of all tensors of a checkpoint (read from the file headers only; no tensor data is read)."""
+    return sorted(name for file in safetensors_files(path) for name in _header(file)[0])
+
+
 def load_hf_dir(
     path: str | Path, *, select: Callable[[str], bool] | None = None
 ) -> tuple[dict, dict[str, np.ndarray]]:
