@@ -257,6 +257,19 @@ def linear_kernel(w: np.ndarray) -> np.ndarray:
 Rule = tuple[str, str, Callable[[np.ndarray], np.ndarray] | None]
 
 
+def linear_rules(source: str, target: str) -> list[Rule]:
+    """Rules for a torch ``nn.Linear`` at regex ``source`` -> vlax ``Dense`` at ``target`` (kernel transposed).
+
+    Groups captured in ``source`` may be used in ``target`` (``\\1``).
+    """
+    return [(source + r"\.weight", target + ".kernel", linear_kernel), (source + r"\.bias", target + ".bias", None)]
+
+
+def norm_rules(source: str, target: str) -> list[Rule]:
+    """Rules for a torch ``LayerNorm`` / ``RMSNorm`` at regex ``source`` -> vlax norm at ``target``."""
+    return [(source + r"\.weight", target + ".scale", None), (source + r"\.bias", target + ".bias", None)]
+
+
 def rename_tensors(
     tensors: Mapping[str, np.ndarray], rules: Sequence[Rule], *, source_prefix: str = ""
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
