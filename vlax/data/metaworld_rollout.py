@@ -167,11 +167,12 @@ def record_episode(task: str, layout_seed: int, settings: RolloutSettings) -> di
                     "environment before building the next one."
                 )
             images[camera].append(_encode(frame, settings))
+        states.append(obs[:STATE_DIM].copy())
+        privileged.append(obs.copy())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the experts warn that their gains exceed [-1, 1]
-            action = np.clip(policy.get_action(obs), -1.0, 1.0).astype(np.float32)
-        states.append(obs[:STATE_DIM])
-        privileged.append(obs)
+            # Some experts edit the observation they are given in place (door-open shifts the handle position).
+            action = np.clip(policy.get_action(obs.copy()), -1.0, 1.0).astype(np.float32)
         obs, reward, _, truncated, info = env.step(action)
         actions.append(action)
         rewards.append(reward)
