@@ -20,6 +20,9 @@ INSTALL_REQUIRES = [
     "tqdm",
     "tokenizers>=0.20",
     "pyarrow>=15",
+    # LeRobot v3 video decoding (bundles FFmpeg with AV1 / H.264) and image encoding of generated datasets.
+    "av>=14,<19",
+    "pillow>=10",
 ]
 
 EXTRAS = {
