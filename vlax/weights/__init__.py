@@ -16,9 +16,7 @@ from vlax.weights.common import CheckpointError, check_architecture, read_config
 # architecture in config.json -> module holding its loader
 LOADERS: dict[str, str] = {
     "LlamaForCausalLM": "vlax.weights.llama",
-    "LlamaModel": "vlax.weights.llama",
     "GemmaForCausalLM": "vlax.weights.gemma",
-    "GemmaModel": "vlax.weights.gemma",
     "SiglipVisionModel": "vlax.weights.siglip",
     "SiglipModel": "vlax.weights.siglip",
     "PaliGemmaForConditionalGeneration": "vlax.weights.siglip",

@@ -26,7 +26,7 @@ from vlax.nn import RopeConfig
 from vlax.weights.common import (CheckpointError, assign_params, check_architecture, linear_kernel, load_hf_dir,
                                  rename_tensors, stack_numbered, strip_prefix)
 
-ARCHITECTURES = ("LlamaForCausalLM", "LlamaModel")
+ARCHITECTURES = ("LlamaForCausalLM",)
 
 DECODER_RULES = [
     (r"embed_tokens\.weight", "embed_tokens.embedding", None),
@@ -35,6 +35,10 @@ DECODER_RULES = [
     (r"norm\.weight", "norm.scale", None),
     (r"lm_head\.weight", "lm_head.kernel", linear_kernel),
 ]
+
+# HF activation spellings -> vlax names (vlax.nn.activation accepts both; one spelling keeps configs comparable)
+HF_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                  "swish": "silu"}
 
 _ROPE_FLOAT_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
 
@@ -87,6 +91,7 @@ def decoder_config_from_hf(hf: Mapping[str, Any], family: Mapping[str, Any], ove
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown TransformerConfig field(s) {unknown}; known: {sorted(known)}")
+    family = {**family, "act": HF_ACTIVATIONS.get(family["act"], family["act"])}
     return TransformerConfig(**{**base, **family, **overrides})
 
 
@@ -96,13 +101,60 @@ def llama_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Transformer
     return decoder_config_from_hf(hf, family, overrides)
 
 
+def hf_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every HF tensor (names without the ``model.`` prefix) that ``config`` implies."""
+    d, f, v = config.width, config.mlp_dim, config.vocab_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    layer = {
+        "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d), "self_attn.v_proj.weight": (kv, d),
+        "self_attn.o_proj.weight": (d, q),
+        "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d), "mlp.down_proj.weight": (d, f),
+    }
+    shapes = {"embed_tokens.weight": (v, d), "norm.weight": (d,)}
+    if not config.tie_embeddings:
+        shapes["lm_head.weight"] = (v, d)
+    for i in range(config.depth):
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
+    return shapes
+
+
+def _check_tensors(tensors: Mapping[str, np.ndarray], config: TransformerConfig, prefix: str) -> None:
+    """One error naming (by checkpoint name) every missing, unexpected or wrongly shaped tensor."""
+    expected = hf_shapes(config)
+
+    def original(key: str) -> str:
+        return key if key == "lm_head.weight" else prefix + key
+
+    problems = []
+    missing = [original(k) for k in expected if k not in tensors]
+    if missing:
+        problems.append(f"missing tensors: {missing}")
+    unexpected = sorted(original(k) for k in tensors if k not in expected)
+    if unexpected:
+        problems.append(f"unexpected tensors: {unexpected}")
+    problems += [f"{original(k)}: checkpoint shape {tuple(np.shape(t))} != {tuple(expected[k])} expected from "
+                 "config.json" for k, t in sorted(tensors.items()) if k in expected
+                 and tuple(np.shape(t)) != tuple(expected[k])]
+    if problems:
+        geometry = (f"hidden_size={config.width}, intermediate_size={config.mlp_dim}, num_attention_heads="
+                    f"{config.num_heads}, num_key_value_heads={config.num_kv_heads}, head_dim={config.head_dim}, "
+                    f"num_hidden_layers={config.depth}, vocab_size={config.vocab_size}, "
+                    f"tie_word_embeddings={config.tie_embeddings}")
+        raise CheckpointError(f"checkpoint does not match its config.json ({geometry}):\n  " + "\n  ".join(problems))
+
+
 def convert_decoder_tensors(tensors: Mapping[str, np.ndarray], config: TransformerConfig
                             ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """HF decoder tensors (``model.``-prefixed or not) -> ``({vlax dotted path: array}, {path: HF name})``."""
+    """HF decoder tensors (``model.``-prefixed or not) -> ``({vlax dotted path: array}, {path: HF name})``.
+
+    Names and shapes are checked per tensor (errors name the checkpoint tensor) before layers are stacked.
+    """
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # a tied copy some exporters write out
-    tensors, _ = strip_prefix(tensors, ("model.", ""))
+    tensors, prefix = strip_prefix(tensors, ("model.", ""))
+    _check_tensors(tensors, config, prefix)
     stacked = stack_numbered(tensors, "layers.", "layers.", num_layers=config.depth)
     return rename_tensors(stacked, DECODER_RULES)
 
