@@ -140,7 +140,7 @@ def test_unsupported_architecture_lists_supported(llama_dir, tmp_path):
         load_pretrained(_rewrite(llama_dir[1], tmp_path, edit_config=edit))
     # A loader asked directly for another family refuses too.
     with pytest.raises(CheckpointError, match=r"unsupported architecture \['LlamaForCausalLM'\] in config.json; "
-                                              r"supported: \['GemmaForCausalLM'\]"):
+                                              r"supported: \['GemmaForCausalLM', 'gemma'\]"):
         load_gemma(llama_dir[1])
 
 
@@ -175,3 +175,15 @@ def test_config_reading_accepts_both_rope_spellings():
     assert llama_config_from_hf(old, remat="full").remat == "full"
     with pytest.raises(ValueError, match=r"unknown TransformerConfig field\(s\) \['widht'\]"):
         llama_config_from_hf(old, widht=3)
+
+
+def test_registry_resolves_every_architecture_to_its_loader():
+    import importlib
+
+    from vlax.weights import LOADERS
+
+    for architecture, module_name in LOADERS.items():
+        module = importlib.import_module(module_name)
+        stem = module_name.rsplit(".", 1)[-1]
+        assert callable(getattr(module, f"load_{stem}", None)), module_name
+        assert architecture in module.ARCHITECTURES, (architecture, module_name)

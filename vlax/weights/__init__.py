@@ -21,6 +21,13 @@ LOADERS: dict[str, str] = {
     "SiglipModel": "vlax.weights.siglip",
     "PaliGemmaForConditionalGeneration": "vlax.weights.siglip",
     "Dinov2Model": "vlax.weights.dinov2",
+    "Dinov2WithRegistersModel": "vlax.weights.dinov2",
+    # model_type, for config.json files without an "architectures" entry
+    "llama": "vlax.weights.llama",
+    "gemma": "vlax.weights.gemma",
+    "siglip_vision_model": "vlax.weights.siglip",
+    "dinov2": "vlax.weights.dinov2",
+    "dinov2_with_registers": "vlax.weights.dinov2",
 }
 
 

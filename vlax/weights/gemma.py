@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from vlax.backbones import Transformer, TransformerConfig
 from vlax.weights.llama import decoder_config_from_hf, load_decoder
 
-ARCHITECTURES = ("GemmaForCausalLM",)
+ARCHITECTURES = ("GemmaForCausalLM", "gemma")  # "gemma": the model_type, when config.json has no architectures
 
 
 def gemma_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig:

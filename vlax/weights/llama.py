@@ -26,7 +26,7 @@ from vlax.nn import RopeConfig
 from vlax.weights.common import (CheckpointError, assign_params, check_architecture, linear_kernel, load_hf_dir,
                                  rename_tensors, stack_numbered, strip_prefix)
 
-ARCHITECTURES = ("LlamaForCausalLM",)
+ARCHITECTURES = ("LlamaForCausalLM", "llama")  # "llama": the model_type, when config.json has no architectures
 
 DECODER_RULES = [
     (r"embed_tokens\.weight", "embed_tokens.embedding", None),
