@@ -44,6 +44,10 @@ def test_task_tables():
     assert metaworld_tasks.resolve_tasks("reach-v3, push") == ("reach", "push")
     with pytest.raises(ValueError, match=r"Unknown Meta-World task\(s\) \['reech'\].*names from: assembly"):
         metaworld_tasks.resolve_tasks("reech")
+    from vlax.data.metaworld_rollout import RolloutSettings, record_episode
+
+    with pytest.raises(ValueError, match="layout seed 1000000 is in the evaluation range"):
+        record_episode("reach", metaworld_tasks.EVAL_LAYOUT_SEED_START, RolloutSettings())
 
 
 def test_generated_dataset_reads_back(dataset):
@@ -195,3 +199,34 @@ def test_corrupted_tfrecord_names_file_or_is_skipped_and_counted(dataset, tmp_pa
     assert error is not None and len(ids) == 2 + good  # the intact shard plus the records before the damage
     batch = next(iter(build_pipeline([source], config, process_index=0, process_count=1)))
     assert batch["action"].shape == (4, 1, 1, 4)
+
+
+_GL_TRAP = """
+import gc, metaworld
+from vlax.data import metaworld_rollout as r
+bench = metaworld.MT1("reach-v3", seed=0)
+other = bench.train_classes["reach-v3"](render_mode="rgb_array", camera_name="corner2", width=64, height=64)
+other.set_task(bench.train_tasks[0])
+other.reset()
+other.render()
+settings = r.RolloutSettings(image_size=64)
+r._make_env("reach", settings)
+r._current["env"].reset()
+r._render(0)  # the recorder's environment now has its own GL context ...
+other.close()
+del other
+gc.collect()  # ... and collecting the older environment afterwards blanks every later frame
+try:
+    r.record_episode("reach", 0, settings)
+    print("recorded")
+except r.BlackFrameError as e:
+    print("BlackFrameError:", e)
+"""
+
+
+def test_black_frames_from_the_gl_trap_fail_loudly():
+    env = dict(os.environ, MUJOCO_GL="egl", PYOPENGL_PLATFORM="egl")
+    proc = subprocess.run([sys.executable, "-c", _GL_TRAP], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "BlackFrameError: All-black frame from camera 'corner2' (task reach, layout seed 0, step 0)" in proc.stdout, (
+        proc.stdout + proc.stderr[-2000:])
