@@ -76,3 +76,27 @@ def test_mixture_with_different_cameras_is_an_error(tmp_path):
     config = DataConfig(batch_size=2, image_size=8, normalization="none", stats_cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="different elements at .*image_primary"):
         build_pipeline([with_image, without], config, process_index=0, process_count=1)
+
+
+def test_mixture_of_encoded_and_decoded_images(tmp_path):
+    """RLDS sources carry encoded frames, video sources decoded ones; a mixture decodes the encoded ones first."""
+    import io
+
+    from PIL import Image
+
+    def png(value):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    encoded = InMemorySource("enc", [{"action": np.zeros((4, 2), np.float32), "images": {"primary": [png(40)] * 4}}])
+    decoded = InMemorySource("dec", [{"action": np.ones((4, 2), np.float32),
+                                      "images": {"primary": np.full((4, 16, 16, 3), 200, np.uint8)}}])
+    config = DataConfig(batch_size=32, image_size=8, normalization="none", augment=False, shuffle_buffer=8,
+                        stats_cache_dir=str(tmp_path))
+    batch = next(iter(build_pipeline([encoded, decoded], config, process_index=0, process_count=1)))
+    images = batch["observation"]["image_primary"]
+    assert images.shape == (32, 1, 8, 8, 3)
+    for name, image in zip(batch["dataset_name"], images):
+        assert (image == (40 if name == b"enc" else 200)).all()
+    assert set(batch["dataset_name"]) == {b"enc", b"dec"}

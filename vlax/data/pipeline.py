@@ -239,10 +239,21 @@ def build_pipeline(
             seed_offset=i << 32,
         )
         frame_datasets.append(traj_ds.flat_map(tf.data.Dataset.from_tensor_slices))
+    cameras = _cameras(frame_datasets[0])
+    image_dtypes = {
+        ds.element_spec["observation"][f"image_{c}"].dtype for ds in frame_datasets for c in _cameras(ds)
+    }
+    if len(image_dtypes) > 1:
+        # Encoded (RLDS) and decoded (video) images cannot share one stream: decode the encoded ones first. The
+        # shuffle buffer then holds decoded frames, so it costs more memory than in an all-RLDS mixture.
+        sizes = _image_sizes(config, cameras)
+        frame_datasets = [
+            ds.map(lambda f: frame_transforms.decode_and_resize(f, sizes), num_parallel_calls=tf.data.AUTOTUNE)
+            for ds in frame_datasets
+        ]
     ds = mixture.sample_mixture(frame_datasets, probabilities, seed=config.seed)
     if config.train:
         ds = ds.shuffle(config.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
-    cameras = _cameras(frame_datasets[0])
     ds = ds.enumerate().map(
         frame_transforms_fn(config, cameras), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )

@@ -38,7 +38,7 @@ class InMemorySource:
     """A source over a list of trajectories held in memory (hand-made data, tests, small custom datasets).
 
     Each trajectory is a dict: ``action`` [T, A], optional ``state`` [T, S], optional ``images`` {camera: uint8
-    [T, H, W, 3]}, optional ``language_instruction`` (str). All trajectories must share dims and cameras.
+    [T, H, W, 3] or a list of T encoded PNG/JPEG byte strings}, optional ``language_instruction`` (str). All trajectories must share dims and cameras.
     Sharding is by trajectory: host i gets trajectories i, i + count, ...
     """
 
@@ -66,7 +66,7 @@ class InMemorySource:
 
     def _standard(self, traj: dict[str, Any]) -> dict[str, Any]:
         length = len(traj["action"])
-        observation = {f"image_{c}": np.asarray(traj["images"][c], np.uint8) for c in self._cameras}
+        observation = {f"image_{c}": _images(traj["images"][c]) for c in self._cameras}
         if self.state_dim:
             observation["state"] = np.asarray(traj["state"], np.float32)
         return {
@@ -101,6 +101,12 @@ class InMemorySource:
             if self.state_dim:
                 out["state"] = np.asarray(traj["state"], np.float32)
             yield out
+
+
+def _images(images: Any) -> np.ndarray:
+    if isinstance(images, (list, tuple)) and images and isinstance(images[0], bytes):
+        return np.array(images, object)
+    return np.asarray(images, np.uint8)
 
 
 def hash_json(data: Any) -> str:
