@@ -242,9 +242,12 @@ def stack_numbered(
     if extra:
         raise CheckpointError(f"checkpoint has more layers than the model's {num_layers}: unexpected {extra}")
     for rest, layers in per_rest.items():
-        shapes = {np.shape(layers[i]) for i in range(num_layers)}
-        if len(shapes) > 1:
-            raise CheckpointError(f"{prefix}<i>.{rest} has different shapes across layers: {sorted(shapes)}")
+        by_shape: dict[tuple, list[int]] = {}
+        for i in range(num_layers):
+            by_shape.setdefault(tuple(np.shape(layers[i])), []).append(i)
+        if len(by_shape) > 1:
+            found = ", ".join(f"{shape} in layers {ids}" for shape, ids in by_shape.items())
+            raise CheckpointError(f"{prefix}<i>.{rest} has different shapes across layers: {found}")
         out[out_prefix + rest] = np.stack([np.asarray(layers[i]) for i in range(num_layers)])
     return out
 
