@@ -1,0 +1,1 @@
+"""vlax entry points and configs."""
