@@ -188,8 +188,9 @@ class Transformer(nnx.Module):
             raise ValueError(f"cache batch {cache.k.shape[1]} != input batch {batch}")
         if cache.num_layers != self.config.depth:
             raise ValueError(f"cache has {cache.num_layers} layers, the model {self.config.depth}")
-        if not isinstance(cache.end, jax.core.Tracer) and int(cache.end) + steps > cache.max_len:
-            raise ValueError(f"cache full: {int(cache.end)} slots used + {steps} new > cache_size={cache.max_len}; "
+        end = _concrete_int(cache.end)
+        if end is not None and end + steps > cache.max_len:
+            raise ValueError(f"cache full: {end} slots used + {steps} new > cache_size={cache.max_len}; "
                              "build the prefix with a larger cache_size")
         new_mask = _check_mask(input_mask, (batch, steps), "input_mask")
         slot_mask = cache.append_mask(new_mask)
@@ -215,3 +216,11 @@ def _check_mask(mask: jax.Array | None, shape: tuple[int, int], name: str) -> ja
     if jnp.shape(mask) != shape:
         raise ValueError(f"{name} must have shape {list(shape)} (batch, inputs), got {list(jnp.shape(mask))}")
     return jnp.asarray(mask, bool)
+
+
+def _concrete_int(x: jax.Array) -> int | None:
+    """``int(x)`` outside of tracing, ``None`` under ``jit`` (where the value is not known)."""
+    try:
+        return int(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        return None
