@@ -1,0 +1,137 @@
+"""The VLA: observation -> tokens -> backbone -> action head.
+
+Token layout of the backbone's input (one mask primitive, ``vlax.nn.make_attn_mask``)::
+
+    [camera 1 patches | camera 2 patches | ... | instruction tokens | state token] [readouts]
+     <---------------- prefix: bidirectional (ar = 0) ------------------------->  <- ar = 1 ->
+
+Readout tokens (optional) see the prefix and each other; the prefix never sees them. The head receives the
+backbone's final hidden states of the readouts (or of the whole prefix when there are none), their mask, the
+state, and, when the head declares ``cache_slots`` (π0's expert, LM decoding), the backbone's per-layer KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlax.nn import ContextSpec, Dense, HeadContext, param
+
+Observation = dict[str, Any]  # {"images": {camera: uint8 [B, h, w, 3]}, "state": [B, S], "text_ids": [B, L],
+#                                 "text_mask": [B, L]}
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySpec:
+    """Shapes and wiring of a policy (saved with every checkpoint).
+
+    ``state_input``: ``"prefix"`` (a state token in the backbone's prefix, every head sees it through the
+    backbone), ``"head"`` (``ctx.state`` for heads that embed the state themselves, as π0 does) or ``"none"``.
+    """
+
+    cameras: tuple[str, ...]
+    image_size: int
+    state_dim: int
+    action_dim: int
+    horizon: int
+    max_text_len: int
+    state_input: str = "prefix"
+    num_readouts: int = 0
+
+    def __post_init__(self):
+        if self.state_input not in ("prefix", "head", "none"):
+            raise ValueError(f"state_input={self.state_input!r}; known: 'prefix', 'head', 'none'")
+        if not self.cameras:
+            raise ValueError("a policy needs at least one camera")
+
+
+class VLA(nnx.Module):
+    """Vision encoder + language backbone + action head, wired by a :class:`PolicySpec`.
+
+    ``encoder`` maps ``uint8 [B, h, w, 3]`` to ``[B, N, encoder_width]`` (a conv stem, or a ViT wrapped to return
+    its patch tokens); ``backbone`` is a :class:`vlax.backbones.Transformer`; ``head`` any registered head built
+    for ``ContextSpec.from_config(backbone.config)``.
+    """
+
+    def __init__(self, spec: PolicySpec, *, encoder: nnx.Module, encoder_width: int, backbone: nnx.Module,
+                 head: nnx.Module, rngs: nnx.Rngs):
+        self.spec = spec
+        width = backbone.config.width
+        self.encoder = encoder
+        self.backbone = backbone
+        self.head = head
+        self.image_proj = Dense(encoder_width, width, axes=("embed", "embed"), rngs=rngs)
+        self.camera_embedding = param(rngs, nnx.initializers.normal(0.02), (len(spec.cameras), width),
+                                      (None, "embed"))
+        self.state_proj = Dense(spec.state_dim, width, axes=(None, "embed"), rngs=rngs) \
+            if spec.state_input == "prefix" else None
+        self.readouts = param(rngs, nnx.initializers.normal(0.02), (spec.num_readouts, width), (None, "embed")) \
+            if spec.num_readouts else None
+        if tuple(head.action_shape) != (spec.horizon, spec.action_dim):
+            raise ValueError(f"head predicts {tuple(head.action_shape)} (horizon, action_dim) but the policy spec "
+                             f"says ({spec.horizon}, {spec.action_dim})")
+
+    # ---- observation -> backbone input ----------------------------------------------------------------------------
+
+    def embed_prefix(self, obs: Observation) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(embeds [B, N, D], input_mask [B, N], ar_mask [N])`` for the layout in the module docstring."""
+        images = obs["images"]
+        missing = [c for c in self.spec.cameras if c not in images]
+        if missing:
+            raise KeyError(f"observation lacks camera(s) {missing}; it has {sorted(images)}")
+        parts, masks = [], []
+        for i, camera in enumerate(self.spec.cameras):
+            tokens = self.image_proj(self.encoder(images[camera]))
+            tokens = tokens + self.camera_embedding[i].astype(tokens.dtype)
+            parts.append(tokens)
+            masks.append(jnp.ones(tokens.shape[:2], bool))
+        batch = parts[0].shape[0]
+        parts.append(self.backbone.embed_tokens(obs["text_ids"]).astype(parts[0].dtype))
+        masks.append(jnp.asarray(obs["text_mask"], bool))
+        if self.state_proj is not None:
+            state = jnp.asarray(obs["state"], parts[0].dtype)
+            if state.shape[-1] != self.spec.state_dim:
+                raise ValueError(f"state has shape {tuple(state.shape)}; the policy expects [B, {self.spec.state_dim}]")
+            parts.append(self.state_proj(state)[:, None])
+            masks.append(jnp.ones((batch, 1), bool))
+        prefix_len = sum(p.shape[1] for p in parts)
+        ar = [jnp.zeros(prefix_len, jnp.int32)]
+        if self.readouts is not None:
+            parts.append(jnp.broadcast_to(self.readouts[...].astype(parts[0].dtype),
+                                          (batch, *self.readouts.shape)))
+            masks.append(jnp.ones((batch, self.spec.num_readouts), bool))
+            ar.append(jnp.zeros(self.spec.num_readouts, jnp.int32).at[0].set(1))
+        return jnp.concatenate(parts, 1), jnp.concatenate(masks, 1), jnp.concatenate(ar)
+
+    def context(self, obs: Observation) -> HeadContext:
+        """Run encoder + backbone once and package what the head needs."""
+        embeds, mask, ar = self.embed_prefix(obs)
+        slots = getattr(self.head, "cache_slots", None)
+        cache_size = None if slots is None else embeds.shape[1] + int(slots)
+        out = self.backbone(embeds=embeds, input_mask=mask, ar_mask=ar, cache_size=cache_size)
+        tokens, token_mask = out.hidden, mask
+        if self.readouts is not None:
+            tokens, token_mask = tokens[:, -self.spec.num_readouts:], mask[:, -self.spec.num_readouts:]
+        state = jnp.asarray(obs["state"], tokens.dtype) if self.spec.state_input == "head" else None
+        return HeadContext(tokens=tokens, mask=token_mask, cache=out.cache, state=state)
+
+    # ---- the head contract, end to end ----------------------------------------------------------------------------
+
+    def loss(self, obs: Observation, actions: jax.Array, *, action_mask: jax.Array | None = None,
+             rngs: jax.Array, train: bool = True) -> tuple[jax.Array, dict]:
+        """Training loss on normalized ``actions [B, H, A]``."""
+        return self.head.loss(self.context(obs), actions, action_mask=action_mask, rngs=rngs, train=train,
+                              lm=self.backbone)
+
+    def sample(self, obs: Observation, *, rngs: jax.Array, num_steps: int | None = None) -> jax.Array:
+        """Normalized actions ``[B, H, A]``; the backbone runs once, sampling loops reuse its cache."""
+        return self.head.sample(self.context(obs), rngs=rngs, num_steps=num_steps, lm=self.backbone)
+
+
+def head_context_spec(backbone_config: Any) -> ContextSpec:
+    """What a head built for this backbone is told about its context."""
+    return ContextSpec.from_config(backbone_config)
