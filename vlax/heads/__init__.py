@@ -1,0 +1,55 @@
+"""Action heads behind one contract (see :mod:`vlax.heads.common`), looked up by name.
+
+``get_head("flow", action_dim=7, horizon=50, context=spec, rngs=nnx.Rngs(0))`` builds a head; a config swaps heads
+with one value. Registry entries are a head class plus published defaults, overridable by keyword.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+from flax import nnx
+
+from vlax.heads.bin_tokenizer import BinTokenizer
+from vlax.heads.binned import BinnedHead
+from vlax.heads.chunk import ChunkHead
+from vlax.heads.common import ActionHead, combine_masks, split_rngs
+from vlax.heads.diffusion import DiffusionHead
+from vlax.heads.execution import ActionQueue, EnsembleState, TemporalEnsembler
+from vlax.heads.flow import FlowHead
+from vlax.heads.noise_schedules import NoiseSchedule
+
+HEADS: dict[str, Callable[..., ActionHead]] = {
+    # RT-2 / OpenVLA: action tokens decoded through the backbone's LM head with its KV cache.
+    "binned_lm": functools.partial(BinnedHead, mode="lm"),
+    # Octo discrete / OpenVLA-OFT: one-pass per-dimension classifier on pooled readouts.
+    "binned": functools.partial(BinnedHead, mode="parallel"),
+    # ACT: L1 regression of the chunk from learned queries; with its CVAE.
+    "chunk": ChunkHead,
+    "chunk_cvae": functools.partial(ChunkHead, cvae=True),
+    # π0: flow matching, action expert sharing attention with every backbone layer, time MLP.
+    "flow": functools.partial(FlowHead, expert="pi0"),
+    # π0.5: the same with adaptive-RMSNorm time conditioning.
+    "flow_pi05": functools.partial(FlowHead, expert="pi0", time_conditioning="adarms"),
+    # SmolVLA: narrower expert (0.75 width), self-attention interleaved with cross-attention, causal actions.
+    "flow_smolvla": functools.partial(FlowHead, expert="smolvla", causal_actions=True),
+    # Octo: MLP-ResNet denoiser, cosine schedule over 20 steps, DDPM with the larger variance.
+    "diffusion": DiffusionHead,
+    # Diffusion Policy: 1-D FiLM U-Net, squaredcos_cap_v2 over 100 steps, DDPM fixed_small.
+    "diffusion_unet": functools.partial(DiffusionHead, denoiser="unet1d", schedule="squaredcos_cap_v2",
+                                        num_train_timesteps=100, variance_type="fixed_small"),
+}
+
+
+def get_head(name: str, **kwargs) -> ActionHead:
+    """Build the head registered as ``name`` (keywords override its defaults; ``rngs`` defaults to ``Rngs(0)``)."""
+    if name not in HEADS:
+        raise ValueError(f"unknown action head {name!r}; known: {sorted(HEADS)}")
+    kwargs.setdefault("rngs", nnx.Rngs(0))
+    return HEADS[name](**kwargs)
+
+
+__all__ = ["HEADS", "get_head", "ActionHead", "BinTokenizer", "BinnedHead", "ChunkHead", "FlowHead",
+           "DiffusionHead", "NoiseSchedule", "TemporalEnsembler", "EnsembleState", "ActionQueue", "combine_masks",
+           "split_rngs"]

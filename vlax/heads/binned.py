@@ -1,0 +1,181 @@
+"""Binned-token action head (RT-2, OpenVLA; Octo's discrete head, OpenVLA-OFT).
+
+Each action dimension of each step becomes one of ``n_bins`` classes (:class:`BinTokenizer`), trained with
+cross-entropy. Two modes:
+
+* ``"lm"``: the classes are the last ``n_bins`` ids of the backbone's vocabulary and are decoded one token at a
+  time through the backbone's own LM head, appending to its KV cache (RT-2 / OpenVLA). The head itself has no
+  parameters; ``loss`` and ``sample`` need ``lm`` (a :class:`vlax.nn.LanguageModel`) and ``ctx.cache``.
+* ``"parallel"``: readout tokens pooled from the context feed a per-dimension ``n_bins``-way classifier, all
+  steps and dimensions in one pass (Octo discrete, OpenVLA-OFT).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlax.heads.bin_tokenizer import BinTokenizer
+from vlax.heads.common import ActionHead, AttentionPool, RngLike, masked_mean, masked_mean_pool, split_rngs
+from vlax.heads.common import last_valid_index
+from vlax.nn import ContextSpec, Dense, HeadContext, LanguageModel, LayerNorm, unpack_decode
+
+MODES = ("parallel", "lm")
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+def _pick(logits: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
+    """Argmax (``temperature == 0``) or a temperature-scaled categorical draw over the last axis."""
+    if temperature <= 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, logits.astype(jnp.float32) / temperature, axis=-1).astype(jnp.int32)
+
+
+class BinnedHead(ActionHead):
+    """Cross-entropy over action bins; see the module docstring for the two modes.
+
+    Args:
+      action_dim, horizon: actions are ``[B, horizon, action_dim]``.
+      context: :class:`vlax.nn.ContextSpec` (``width``; ``vocab_size`` in LM mode).
+      mode: ``"parallel"`` or ``"lm"``.
+      n_bins, low, high: uniform bins (OpenVLA: 256 over [-1, 1]); or pass ``tokenizer`` (e.g. quantile bins).
+      pool: parallel mode readout: ``"map"`` (one attention-pooling probe per step) or ``"mean"``.
+      temperature: 0 = argmax decoding, else categorical sampling at that temperature.
+      constrain_to_action_tokens: LM mode sampling picks among the action ids only (else the whole vocabulary,
+        with out-of-range ids clipped onto the action range when decoded, as OpenVLA does).
+    """
+
+    def __init__(self, action_dim: int, horizon: int, context: ContextSpec | int, *, mode: str = "parallel",
+                 n_bins: int = 256, low: float = -1.0, high: float = 1.0, tokenizer: BinTokenizer | None = None,
+                 pool: str = "map", num_heads: int | None = None, temperature: float = 0.0,
+                 constrain_to_action_tokens: bool = True, rngs: nnx.Rngs):
+        self._init_contract(action_dim, horizon, context)
+        if mode not in MODES:
+            raise ValueError(f"unknown binned-head mode {mode!r}; known: {list(MODES)}")
+        self.mode, self.temperature, self.constrain = mode, float(temperature), constrain_to_action_tokens
+        vocab = None
+        if mode == "lm":
+            self.context.require("vocab_size", why="the binned head in LM mode")
+            vocab = self.context.vocab_size
+        if tokenizer is None:
+            tokenizer = BinTokenizer(n_bins=n_bins, low=low, high=high, vocab_size=vocab)
+        elif mode == "lm" and tokenizer.vocab_size != vocab:
+            raise ValueError(f"tokenizer.vocab_size={tokenizer.vocab_size} differs from the backbone's "
+                             f"vocab_size={vocab}")
+        if tokenizer.edges.ndim == 2 and tokenizer.edges.shape[0] != self.action_dim:
+            raise ValueError(f"tokenizer has per-dimension edges for {tokenizer.edges.shape[0]} dimensions, "
+                             f"action_dim={self.action_dim}")
+        self.tokenizer = tokenizer
+        self.n_bins = tokenizer.n_bins
+        if mode == "parallel":
+            width = self.context.width
+            if pool == "map":
+                heads = num_heads or max(1, width // 64)
+                self.pool = AttentionPool(width, heads, num_probes=self.horizon, rngs=rngs)
+                self.norm = LayerNorm(width, rngs=rngs)
+                self.classifier = Dense(width, self.action_dim * self.n_bins, axes=("embed", "vocab"), rngs=rngs)
+            elif pool == "mean":
+                self.pool, self.norm = None, LayerNorm(width, rngs=rngs)
+                self.classifier = Dense(width, self.horizon * self.action_dim * self.n_bins, axes=("embed", "vocab"),
+                                        rngs=rngs)
+            else:
+                raise ValueError(f"unknown pool {pool!r}; known: ['map', 'mean']")
+
+    # ---- parallel mode ------------------------------------------------------------------------------------------
+    def class_logits(self, ctx: HeadContext) -> jax.Array:
+        """Parallel mode: logits ``[B, H, A, n_bins]`` in one pass."""
+        if self.pool is not None:
+            x = self.classifier(self.norm(self.pool(ctx.tokens, ctx.mask)))  # [B, H, A * n_bins]
+        else:
+            x = self.classifier(self.norm(masked_mean_pool(ctx.tokens, ctx.mask)))  # [B, H * A * n_bins]
+        return x.reshape(x.shape[0], self.horizon, self.action_dim, self.n_bins)
+
+    # ---- LM mode ------------------------------------------------------------------------------------------------
+    def _check_lm(self, ctx: HeadContext, lm: LanguageModel | None, new_tokens: int) -> None:
+        if lm is None:
+            raise ValueError("the binned head in LM mode decodes through the backbone: pass lm=<LanguageModel>")
+        if ctx.cache is None:
+            raise ValueError("the binned head in LM mode needs ctx.cache (the backbone's prefix KV cache)")
+        free = ctx.cache.max_len - ctx.tokens.shape[1]
+        if new_tokens > free:
+            raise ValueError(f"the KV cache has {ctx.cache.max_len} slots for a {ctx.tokens.shape[1]}-token prefix "
+                             f"but decoding needs {new_tokens} more; build the cache with cache_size >= "
+                             f"{ctx.tokens.shape[1] + new_tokens}")
+
+    def _first_logits(self, ctx: HeadContext, lm: LanguageModel) -> jax.Array:
+        last = last_valid_index(ctx.mask)
+        hidden = jnp.take_along_axis(ctx.tokens, last[:, None, None], axis=1)  # [B, 1, D]
+        return lm.logits(hidden)[:, 0]
+
+    def _restrict(self, logits: jax.Array) -> jax.Array:
+        """Logits of the action ids only, reordered by class (class c is id ``vocab - 1 - c``)."""
+        vocab = self.tokenizer.vocab_size
+        return logits[..., vocab - self.n_bins:][..., ::-1]
+
+    # ---- contract -----------------------------------------------------------------------------------------------
+    def loss(self, ctx: HeadContext, actions: jax.Array, *, action_mask: jax.Array | None = None,
+             rngs: RngLike | None = None, train: bool = True, lm: LanguageModel | None = None
+             ) -> tuple[jax.Array, dict]:
+        """Cross-entropy of the binned actions; metrics: ``accuracy`` and ``l1`` of the argmax decoding."""
+        self.check_context(ctx)
+        actions, mask = self.prepare_actions(actions, action_mask)
+        classes = self.tokenizer.encode_classes(actions)  # [B, H, A]
+        if self.mode == "parallel":
+            logits = self.class_logits(ctx)
+            ce = _cross_entropy(logits, classes)
+            predicted = jnp.argmax(logits, axis=-1)
+        else:
+            b, n_tokens = actions.shape[0], self.horizon * self.action_dim
+            self._check_lm(ctx, lm, n_tokens - 1)
+            targets = self.tokenizer.classes_to_tokens(classes).reshape(b, n_tokens)
+            first = self._first_logits(ctx, lm)[:, None]
+            if n_tokens > 1:
+                rest, _ = unpack_decode(lm.decode_step(targets[:, :-1], ctx.cache))
+                logits = jnp.concatenate([first, rest.astype(first.dtype)], axis=1)
+            else:
+                logits = first
+            ce = _cross_entropy(logits, targets).reshape(classes.shape)
+            predicted = self.tokenizer.tokens_to_classes(jnp.argmax(logits, axis=-1)).reshape(classes.shape)
+        loss = masked_mean(ce, mask)
+        decoded = self.tokenizer.decode_classes(predicted)
+        metrics = {"loss": loss, "accuracy": masked_mean((predicted == classes).astype(jnp.float32), mask),
+                   "l1": masked_mean(jnp.abs(decoded - actions), mask)}
+        return loss, metrics
+
+    def sample(self, ctx: HeadContext, *, rngs: RngLike, num_steps: int | None = None,
+               lm: LanguageModel | None = None) -> jax.Array:
+        """Actions ``[B, H, A]`` (bin centres). LM mode decodes ``H * A`` tokens reusing the prefix cache."""
+        self.check_context(ctx)
+        key, _ = split_rngs(rngs)
+        if self.mode == "parallel":
+            classes = _pick(self.class_logits(ctx), key, self.temperature)
+            return self.tokenizer.decode_classes(classes)
+        b, n_tokens = ctx.batch_size, self.horizon * self.action_dim
+        self._check_lm(ctx, lm, n_tokens - 1)
+        keys = jax.random.split(key, n_tokens)
+
+        def choose(logits, k):
+            if self.constrain:
+                return self.tokenizer.classes_to_tokens(_pick(self._restrict(logits), k, self.temperature))
+            return _pick(logits, k, self.temperature)
+
+        first = choose(self._first_logits(ctx, lm), keys[0])
+
+        def step(carry, k):
+            token, cache = carry
+            logits, cache = unpack_decode(lm.decode_step(token[:, None], cache))
+            nxt = choose(logits[:, -1], k)
+            return (nxt, cache), nxt
+
+        if n_tokens > 1:
+            _, rest = jax.lax.scan(step, (first, ctx.cache), keys[1:])
+            tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
+        else:
+            tokens = first[:, None]
+        return self.tokenizer.decode(tokens.reshape(b, self.horizon, self.action_dim))
