@@ -121,3 +121,29 @@ def test_bad_inputs_get_one_clear_error(tiny):
         Transformer({"width": 64}, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="TransformerConfig.width must be a positive int, got 0"):
         TransformerConfig(vocab_size=8, width=0, depth=1, mlp_dim=8, num_heads=1, num_kv_heads=1, head_dim=8)
+
+
+def test_sharded_prefill_and_decode_equal_unsharded(tiny):
+    """Logical axes are enough to shard the backbone (2 data x 2 fsdp x 2 tensor on 8 CPU devices)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from vlax.train.sharding import batch_sharding, make_mesh, state_shardings
+
+    mesh = make_mesh(2, 2, 2)
+    graphdef, state = nnx.split(tiny)
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, 256, size=(4, 5)), jnp.int32)
+
+    @jax.jit
+    def prefill_and_step(state, tokens):
+        model = nnx.merge(graphdef, state)
+        out = model(tokens, return_logits=True, cache_size=6)
+        step = model.decode_step(jnp.argmax(out.logits[:, -1:], -1).astype(jnp.int32), out.cache)
+        return out.logits, step.logits
+
+    expected = prefill_and_step(state, tokens)
+    sharded = jax.device_put(state, state_shardings(state, mesh, fsdp_min_bytes=1))
+    assert sharded["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    got = prefill_and_step(sharded, jax.device_put(tokens, batch_sharding(mesh, 2)))
+    assert isinstance(got[1].sharding, NamedSharding)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=TOL)
