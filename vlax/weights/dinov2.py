@@ -86,7 +86,7 @@ def vit_config_from_hf(config: dict, **overrides) -> ViTConfig:
     mlp_dim = int(hidden * c["mlp_ratio"])
     if c["use_swiglu_ffn"]:
         mlp_dim = (int(mlp_dim * 2 / 3) + 7) // 8 * 8  # HF's SwiGLU size: 2/3 of the MLP, rounded up to 8
-    return ViTConfig(
+    derived = dict(
         width=hidden,
         depth=int(c["num_hidden_layers"]),
         mlp_dim=mlp_dim,
@@ -105,8 +105,8 @@ def vit_config_from_hf(config: dict, **overrides) -> ViTConfig:
         qkv_bias=bool(c["qkv_bias"]),
         # HF interpolates the registers model's position embeddings with antialias=True, the plain one without.
         pos_antialias=registers,
-        **overrides,
     )
+    return ViTConfig(**{**derived, **overrides})
 
 
 def _split_weights_in(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

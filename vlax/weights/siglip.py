@@ -109,7 +109,7 @@ def vit_config_from_hf(config: dict, **overrides) -> ViTConfig:
     hidden, heads = int(v["hidden_size"]), int(v["num_attention_heads"])
     if hidden % heads:
         raise CheckpointError(f"hidden_size={hidden} is not divisible by num_attention_heads={heads}")
-    return ViTConfig(
+    derived = dict(
         width=hidden,
         depth=int(v["num_hidden_layers"]),
         mlp_dim=int(v["intermediate_size"]),
@@ -120,8 +120,8 @@ def vit_config_from_hf(config: dict, **overrides) -> ViTConfig:
         pool="map" if v["vision_use_head"] else "none",
         act=v["hidden_act"],
         norm_eps=float(v["layer_norm_eps"]),
-        **overrides,
     )
+    return ViTConfig(**{**derived, **overrides})
 
 
 def _split_in_proj(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
