@@ -1,4 +1,4 @@
-"""Import of Hugging Face ``LlamaForCausalLM`` checkpoints (Llama-2/3, SmolLM2) into :class:`vlax.backbones.Transformer`.
+"""Import of Hugging Face ``LlamaForCausalLM`` checkpoints (Llama-2/3, SmolLM2) into a vlax ``Transformer``.
 
 The tensor layout is shared by the whole decoder family (Gemma uses the same names), so this module also holds
 the rename table :mod:`vlax.weights.gemma` reuses::
