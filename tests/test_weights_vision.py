@@ -170,7 +170,7 @@ def test_dinov2_mask_token_matches_transformers(tmp_path):
 
 def test_bf16_parameters(siglip_vision_dir):
     path, _ = siglip_vision_dir
-    vit = load_siglip(path, param_dtype="bfloat16")
+    vit = load_siglip(path, dtype=jnp.bfloat16)
     assert vit.encoder.layers.mlp.fc1.kernel[...].dtype == jnp.bfloat16
     x = _nhwc(_pixels(32, 32))
     err = _max_abs(_forward(vit, x).tokens, _forward(load_siglip(path), x).tokens)
@@ -244,3 +244,12 @@ def test_missing_layer_named(siglip_vision_dir, tmp_path):
 
     with pytest.raises(CheckpointError, match=r"missing per-layer tensors: \['encoder\.layers\.1\.self_attn\.q_proj"):
         load_siglip(_rewrite(path, tmp_path, edit))
+
+
+def test_load_pretrained_dispatches_vision_architectures(siglip_vision_dir):
+    from vlax.encoders import ViT
+    from vlax.weights import load_pretrained
+
+    path, _ = siglip_vision_dir
+    vit = load_pretrained(path, dtype=jnp.bfloat16)
+    assert isinstance(vit, ViT) and vit.config.param_dtype == "bfloat16"

@@ -74,14 +74,16 @@ class FusedEncoder(nnx.Module):
         return jnp.concatenate([dino, siglip.astype(dino.dtype)], axis=-1)
 
 
-def dinosiglip(image_size: int = 224, *, rngs: nnx.Rngs, dino_variant: str = "L/14", siglip_variant: str = "So400m/14",
-               num_registers: int = 4, dino_image_size: int = 518, **overrides) -> FusedEncoder:
+def dinosiglip(image_size: int = 224, *, rngs: nnx.Rngs, dino_variant: str = "L/14",
+               siglip_variant: str = "So400m/14", num_registers: int = 4, dino_image_size: int = 518,
+               **overrides) -> FusedEncoder:
     """A randomly initialised OpenVLA-style fused encoder (DINOv2-L/14-reg4 + SigLIP So400m/14 by default).
 
-    The DINOv2 tower keeps its published ``dino_image_size`` (518 px) position grid (resized to ``image_size`` on the fly, as when a
-    checkpoint is loaded); the SigLIP tower is built for ``image_size`` without its MAP head, which the fused
-    features do not use. ``overrides`` (``remat``, ``dtype``, sizes for tests...) go to both configs.
+    The DINOv2 tower keeps its published ``dino_image_size`` (518 px) position grid, resized to ``image_size``
+    on the fly as when a checkpoint is loaded; the SigLIP tower is built for ``image_size`` without its MAP
+    head, which the fused features do not use. ``overrides`` (``remat``, ``dtype``, sizes for tests...) go to both configs.
     """
-    dino = ViT(dinov2_config(dino_variant, image_size=dino_image_size, num_registers=num_registers, **overrides), rngs=rngs)
+    dino_cfg = dinov2_config(dino_variant, image_size=dino_image_size, num_registers=num_registers, **overrides)
+    dino = ViT(dino_cfg, rngs=rngs)
     siglip = ViT(siglip_config(siglip_variant, image_size=image_size, **{"pool": "none", **overrides}), rngs=rngs)
     return FusedEncoder(dino, siglip)

@@ -140,14 +140,18 @@ def find_prefix(names: list[str]) -> str:
     )
 
 
-def load_dinov2(path: str | Path, *, param_dtype: str | None = None, strict: bool = True, **overrides) -> ViT:
+def load_dinov2(path: str | Path, *, dtype=None, compute_dtype=None, strict: bool = True, **overrides) -> ViT:
     """A :class:`ViT` with the DINOv2 weights of the HF checkpoint directory ``path``.
 
-    ``param_dtype`` (e.g. ``"bfloat16"``) is the dtype parameters are stored in (default float32);
-    ``overrides`` go to :class:`ViTConfig` (``remat``, compute ``dtype``, ...).
+    ``dtype`` (e.g. ``jnp.bfloat16``) is the dtype parameters are stored in (default float32, as the other
+    loaders of :mod:`vlax.weights`); ``compute_dtype`` the dtype activations are computed in; ``overrides``
+    are :class:`ViTConfig` fields (``remat="full"``, ``attn_implementation``, ...).
+    Every shape and dtype kind is checked; missing and unexpected tensors are named in the error.
     """
-    if param_dtype is not None:
-        overrides["param_dtype"] = jnp.dtype(param_dtype).name
+    if dtype is not None:
+        overrides["param_dtype"] = jnp.dtype(dtype).name
+    if compute_dtype is not None:
+        overrides["dtype"] = jnp.dtype(compute_dtype).name
     cfg = vit_config_from_hf(read_config(path), **overrides)
     prefix = find_prefix(tensor_names(path))
     _, tensors = load_hf_dir(path, select=lambda n: n.startswith(prefix))

@@ -156,20 +156,27 @@ def find_prefix(names: list[str]) -> str:
     )
 
 
-def load_siglip(path: str | Path, *, param_dtype: str | None = None, strict: bool = True, **overrides) -> ViT:
+def load_siglip(path: str | Path, *, dtype=None, compute_dtype=None, strict: bool = True, **overrides) -> ViT:
     """A :class:`ViT` with the SigLIP vision weights of the HF checkpoint directory ``path``.
 
-    ``param_dtype`` (e.g. ``"bfloat16"``) is the dtype parameters are stored in (default float32);
-    ``overrides`` go to :class:`ViTConfig` (``remat="full"``, ``dtype="bfloat16"`` for compute, ...).
-    ``pool="none"`` skips the checkpoint's MAP head (e.g. for :class:`vlax.encoders.fused.FusedEncoder`). Every
-    shape is checked; missing and unexpected vision tensors are named in the error.
+    ``dtype`` (e.g. ``jnp.bfloat16``) is the dtype parameters are stored in (default float32, as the other
+    loaders of :mod:`vlax.weights`); ``compute_dtype`` the dtype activations are computed in; ``overrides``
+    are :class:`ViTConfig` fields (``remat="full"``, ``attn_implementation``, ...).
+    ``pool="none"`` skips the checkpoint's MAP head (e.g. for :class:`vlax.encoders.fused.FusedEncoder`).
+    Every shape and dtype kind is checked; missing and unexpected tensors are named in the error.
     """
-    if param_dtype is not None:
-        overrides["param_dtype"] = jnp.dtype(param_dtype).name
+    if dtype is not None:
+        overrides["param_dtype"] = jnp.dtype(dtype).name
+    if compute_dtype is not None:
+        overrides["dtype"] = jnp.dtype(compute_dtype).name
     cfg = vit_config_from_hf(read_config(path), **overrides)
     prefix = find_prefix(tensor_names(path))
-    skip_head = prefix + "head." if cfg.pool == "none" else None
-    _, tensors = load_hf_dir(path, select=lambda n: n.startswith(prefix) and not (skip_head and n.startswith(skip_head)))
+    head = prefix + "head."
+
+    def wanted(name: str) -> bool:
+        return name.startswith(prefix) and not (cfg.pool == "none" and name.startswith(head))
+
+    _, tensors = load_hf_dir(path, select=wanted)
     tensors, _ = strip_prefix(tensors, (prefix,))
     flat, sources = convert_siglip_tensors(tensors, cfg.depth, prefix)
     model = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
