@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "importlib_resources",
     "tqdm",
     "tokenizers>=0.20",
+    "tensorboard>=2.18",
     "pyarrow>=15",
     # LeRobot v3 video decoding (bundles FFmpeg with AV1 / H.264) and image encoding of generated datasets.
     "av>=14,<19",

@@ -52,6 +52,10 @@ class Checkpointer:
         meta = {k: restored[k] for k in JSON_ITEMS if k in restored and restored[k] is not None}
         return restored["state"], meta
 
+    def restore_raw(self, step: int) -> Any:
+        """The saved state as plain nested dicts of arrays, without a target (for transplanting into a new model)."""
+        return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
     def restore_latest(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
         """``(step, state, json items)`` of the newest checkpoint, or ``None`` when there is none."""
         step = self.latest_step

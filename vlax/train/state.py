@@ -15,7 +15,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlax.train.optimizer import ema_update
-from vlax.train.sharding import batch_sharding, state_shardings
+from vlax.train.sharding import state_shardings
 
 LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
 
@@ -88,25 +88,14 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
 
 
 def jit_train_step(step_fn, state_shardings_tree: Any = None, mesh: Mesh | None = None):
-    """``jax.jit`` with the state donated; with a mesh, batch leaves are split over ``data`` x ``fsdp``."""
+    """``jax.jit`` of the step with the state donated; with a mesh, every batch leaf is split on its leading axis
+    over ``data`` x ``fsdp`` and the state keeps its shardings. The result has ``.lower()`` for cost analysis."""
     if mesh is None:
         return jax.jit(step_fn, donate_argnums=0)
     replicated = NamedSharding(mesh, PartitionSpec())
-
-    def batch_shardings(batch):
-        return jax.tree.map(lambda x: batch_sharding(mesh, jnp.ndim(x)), batch)
-
-    cache = {}  # one compiled step per batch structure
-
-    def call(state, batch):
-        key = jax.tree.structure(batch)
-        if key not in cache:
-            cache[key] = jax.jit(step_fn, donate_argnums=0,
-                                 in_shardings=(state_shardings_tree, batch_shardings(batch)),
-                                 out_shardings=(state_shardings_tree, replicated))
-        return cache[key](state, batch)
-
-    return call
+    batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))  # a prefix spec: trailing axes replicated
+    return jax.jit(step_fn, donate_argnums=0, in_shardings=(state_shardings_tree, batch),
+                   out_shardings=(state_shardings_tree, replicated))
 
 
 def check_finite(step: int, metrics: dict) -> None:

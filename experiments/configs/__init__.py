@@ -1,0 +1,1 @@
+"""Experiment configs: each file has get_config(variant) returning an ml_collections.ConfigDict."""

@@ -1,0 +1,90 @@
+"""Meta-World policies trained from scratch on scripted-expert RLDS data.
+
+    python -m experiments.train --config=experiments/configs/metaworld.py:tiny --config.model.head=flow
+
+Variants: ``tiny`` (trains on a 2-core CPU: 64 px conv stem, 4-layer width-128 backbone) and ``small`` (one GPU:
+ViT-B/16 at 224 px from scratch with a SmolLM2-135M-shaped backbone).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def _base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.workdir = "runs/metaworld"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = "data_cache/metaworld"          # generated on first use, reused afterwards
+    c.data.tasks = "mt10"
+    c.data.episodes_per_task = 20
+    c.data.generate_image_size = 128
+    c.data.image_size = 64                        # resized by the pipeline
+    c.data.camera = "corner2"
+    c.data.batch_size = 64
+    c.data.action_horizon = 4
+    c.data.normalization = "bounds"
+    c.data.augment = True
+    c.data.shuffle_buffer = 2000
+    c.data.num_workers = 2                        # generator processes
+
+    c.model = ml_collections.ConfigDict()
+    c.model.head = "chunk"
+    c.model.head_kwargs = ml_collections.ConfigDict()
+    c.model.encoder = "conv_stem"
+    c.model.encoder_kwargs = ml_collections.ConfigDict({"width": 128, "channels": (32, 64, 128)})
+    c.model.backbone = "tiny"
+    c.model.backbone_overrides = ml_collections.ConfigDict(
+        {"width": 128, "depth": 4, "mlp_dim": 384, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32})
+    c.model.state_input = "prefix"
+    c.model.num_readouts = 0
+    c.model.max_text_len = 16
+    c.model.state_dim = 4
+    c.model.action_dim = 4
+    c.model.dtype = "float32"
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 3e-4
+    c.optim.warmup_steps = 200
+    c.optim.weight_decay = 1e-4
+    c.optim.grad_clip_norm = 1.0
+    c.optim.accumulate_steps = 1
+    c.optim.freeze = ""
+    c.optim.groups = ()
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 3000
+    c.train.log_every = 50
+    c.train.save_every = 500
+    c.train.keep = 2
+    c.train.ema_decay = 0.0                       # > 0 keeps an EMA of the weights
+    c.train.tensorboard = True
+    c.train.max_minutes = 0.0                     # > 0: stop (and save) after this wall time
+
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.checkpoint = ""                    # a workdir or checkpoint dir to start from
+    c.finetune.reinit = ""                        # regex of parameter paths initialised afresh
+    return c
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    c = _base()
+    if variant == "tiny":
+        pass
+    elif variant == "small":
+        c.data.image_size = 224
+        c.data.generate_image_size = 224
+        c.data.batch_size = 128
+        c.model.encoder = "siglip_b16_224"
+        c.model.encoder_kwargs = ml_collections.ConfigDict()
+        c.model.backbone = "smollm2_135m"
+        c.model.backbone_overrides = ml_collections.ConfigDict({"remat": "dots"})
+        c.model.dtype = "bfloat16"
+        c.train.steps = 20000
+    else:
+        raise ValueError(f"unknown variant {variant!r}; known: 'tiny', 'small'")
+    return c

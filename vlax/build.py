@@ -1,0 +1,74 @@
+"""Build a :class:`vlax.policy.VLA` from a model config (the ``model`` section of an experiment config).
+
+Every component is looked up by name in its registry (encoders, backbones, heads), so an ablation changes one
+value: ``--config.model.head=flow``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlax.backbones import Transformer, get_config
+from vlax.encoders import ENCODERS, ViT, get_encoder
+from vlax.encoders.preprocess import normalize
+from vlax.heads import HEADS, get_head
+from vlax.policy import VLA, PolicySpec, head_context_spec
+
+# Pixel statistics each pretrained encoder family was trained with.
+PIXEL_STATS = {"siglip": ((0.5,) * 3, (0.5,) * 3), "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+
+class PatchTokens(nnx.Module):
+    """A ViT as an image tokenizer: ``uint8 [B, h, w, 3]`` -> patch tokens ``[B, N, D]``, pixels normalized first."""
+
+    def __init__(self, vit: ViT, mean, std):
+        self.vit, self.mean, self.std = vit, tuple(mean), tuple(std)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return self.vit(normalize(images, self.mean, self.std)).tokens
+
+
+def _encoder(name: str, kwargs: Mapping[str, Any], image_size: int, rngs: nnx.Rngs) -> tuple[nnx.Module, int]:
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
+    kwargs = dict(kwargs)
+    if name == "conv_stem":
+        encoder = get_encoder(name, image_size=image_size, rngs=rngs, **kwargs)
+        return encoder, encoder.width
+    encoder = get_encoder(name, image_size=image_size, rngs=rngs, **kwargs)
+    if isinstance(encoder, ViT):
+        family = "dinov2" if name.startswith("dinov2") else "siglip"
+        return PatchTokens(encoder, *PIXEL_STATS[family]), encoder.config.width
+    return encoder, getattr(encoder, "width", None) or encoder.config.width
+
+
+def backbone_vocab_size(model: Mapping[str, Any], text_vocab_size: int) -> int:
+    """Text vocabulary plus, for LM-decoded binned actions, the bins that occupy the last ids of the vocabulary."""
+    if model["head"] == "binned_lm":
+        return text_vocab_size + int(dict(model.get("head_kwargs", {})).get("n_bins", 256))
+    return text_vocab_size
+
+
+def build_policy(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: int, rngs: nnx.Rngs) -> VLA:
+    """``model`` keys: ``encoder``, ``encoder_kwargs``, ``backbone`` (a named config), ``backbone_overrides``,
+    ``head``, ``head_kwargs``, ``dtype`` (compute dtype, e.g. ``"bfloat16"``; parameters stay float32)."""
+    head_name = model["head"]
+    if head_name not in HEADS:
+        raise ValueError(f"unknown action head {head_name!r}; known: {sorted(HEADS)}")
+    dtype = None if model.get("dtype") in (None, "float32") else jnp.dtype(model["dtype"])
+    overrides = dict(model.get("backbone_overrides", {}))
+    overrides["vocab_size"] = backbone_vocab_size(model, text_vocab_size)
+    if dtype is not None:
+        overrides["dtype"] = dtype
+    backbone = Transformer(get_config(model["backbone"], **overrides), rngs=rngs)
+    encoder, encoder_width = _encoder(model["encoder"], model.get("encoder_kwargs", {}), spec.image_size, rngs)
+    head_kwargs = dict(model.get("head_kwargs", {}))
+    if spec.state_input == "head":
+        head_kwargs.setdefault("state_dim", spec.state_dim)
+    head = get_head(head_name, action_dim=spec.action_dim, horizon=spec.horizon,
+                    context=head_context_spec(backbone.config), rngs=rngs, **head_kwargs)
+    return VLA(spec, encoder=encoder, encoder_width=encoder_width, backbone=backbone, head=head, rngs=rngs)

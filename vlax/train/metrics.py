@@ -1,0 +1,100 @@
+"""Training metrics: FLOPs from XLA's cost analysis, the machine's measured matmul peak, and a writer that sends
+scalars to stdout, a JSON-lines file and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def block(x: Any) -> Any:
+    return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
+
+
+def time_call(fn: Callable, *args, warmup: int = 2, iters: int = 10, min_time: float = 0.5) -> float:
+    """Median seconds per call of a jitted ``fn`` (compilation excluded)."""
+    for _ in range(warmup):
+        block(fn(*args))
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < iters or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        block(fn(*args))
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 10 * iters:
+            break
+    return sorted(times)[len(times) // 2]
+
+
+def compiled_flops(compiled) -> float:
+    """FLOPs of one call of a compiled executable (``jitted.lower(...).compile()``), from XLA's cost analysis."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0]
+    return float((cost or {}).get("flops", 0.0))
+
+
+def matmul_peak(dtype=jnp.float32, n: int | None = None) -> float:
+    """Measured FLOP/s of a large square matmul on the default device: the practical peak for ``dtype``."""
+    n = n or (8192 if jax.default_backend() == "gpu" else 1536)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    return 2 * n**3 / time_call(jax.jit(jnp.matmul), a, b)
+
+
+def memory_report(compiled, state: Any) -> str:
+    """Per-device memory of a compiled train step: parameters, optimizer state and activations/temporaries."""
+
+    def local_bytes(tree) -> int:
+        total = 0
+        for x in jax.tree.leaves(tree):
+            shards = getattr(x, "addressable_shards", None)
+            total += shards[0].data.nbytes if shards else np.asarray(x).nbytes
+        return total
+
+    mib = 2**20
+    params = local_bytes(state.params) / mib
+    opt = local_bytes(state.opt_state) / mib
+    analysis = compiled.memory_analysis()
+    temp = getattr(analysis, "temp_size_in_bytes", 0) / mib if analysis is not None else float("nan")
+    return f"memory per device: params {params:.1f} MiB, optimizer {opt:.1f} MiB, activations+temporaries {temp:.1f} MiB"
+
+
+class MetricWriter:
+    """Scalars to stdout (every call), ``metrics.jsonl`` and TensorBoard (process 0 only)."""
+
+    def __init__(self, workdir: str | Path, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                import tensorflow as tf
+
+                self._tb = tf.summary.create_file_writer(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in scalars.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        if self._tb is not None:
+            import tensorflow as tf
+
+            with self._tb.as_default(step=step):
+                for k, v in scalars.items():
+                    tf.summary.scalar(k, v)
+            self._tb.flush()
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
