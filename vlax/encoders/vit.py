@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from vlax.encoders.interpolate import resize_grid
-from vlax.nn import Attention, Dense, GatedMlp, LayerNorm, LayerScale, Mlp, param, scan_layers, stack_layers
+from vlax.nn import Attention, GatedMlp, LayerNorm, LayerScale, Mlp, param, scan_layers, stack_layers
 from vlax.nn.attention import Implementation
 
 # big_vision's names for ViT sizes: width, depth, MLP size, heads.
@@ -80,6 +80,8 @@ class ViTConfig:
     qkv_bias: bool = True
     pos_antialias: bool = False  # bicubic position-embedding resize with anti-aliasing (DINOv2 with registers)
     remat: str = "none"
+    # None/"xla", or "cudnn" on GPU (measured on H100: forward fine at any length, but its backward rejects
+    # lengths such as DINOv2-reg's 261 tokens: train with "xla"), or "einsum".
     attn_implementation: Implementation = None
     dtype: str | None = None  # compute dtype, e.g. "bfloat16"; parameters stay param_dtype
     param_dtype: str = "float32"
