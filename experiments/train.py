@@ -35,7 +35,8 @@ from vlax.train.batch import model_batch  # noqa: E402
 from vlax.train.checkpoint import Checkpointer  # noqa: E402
 from vlax.train.data_iterator import DataIterator  # noqa: E402
 from vlax.train.finetune import transplant  # noqa: E402
-from vlax.train.metrics import MetricWriter, compiled_flops, matmul_peak, memory_report  # noqa: E402
+from vlax.train.flops import count_flops  # noqa: E402
+from vlax.train.metrics import MetricWriter, matmul_peak, memory_report  # noqa: E402
 from vlax.train.optimizer import OptimizerConfig, frozen_paths, make_optimizer, schedule  # noqa: E402
 from vlax.train.sharding import make_mesh  # noqa: E402
 from vlax.train.state import check_finite, create_train_state, jit_train_step, make_train_step  # noqa: E402
@@ -160,15 +161,16 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
     elif cfg.finetune.checkpoint:
         state = load_finetune_params(cfg, state)
 
-    step_fn = jit_train_step(make_train_step(graphdef, loss_fn, tx, ema_decay=cfg.train.ema_decay or None,
-                                             learning_rate_fn=schedule(opt_cfg)), shardings, mesh)
+    pure_step = make_train_step(graphdef, loss_fn, tx, ema_decay=cfg.train.ema_decay or None,
+                                learning_rate_fn=schedule(opt_cfg))
+    step_fn = jit_train_step(pure_step, shardings, mesh)
 
     def next_batch():
         return distributed.global_batch(model_batch(next(data_iter), spec, tokenizer), mesh)
 
     batch = next_batch()
     compiled = step_fn.lower(state, batch).compile()
-    flops_per_step = compiled_flops(compiled)
+    flops_per_step = count_flops(pure_step, state, batch)  # matmul/conv FLOPs, scanned layers counted per layer
     peak = matmul_peak()
     print(f"{cfg.model.head} policy: {num_params / 1e6:.2f}M parameters, {flops_per_step / 1e9:.2f} GFLOP/step, "
           f"{memory_report(compiled, state)}")

@@ -1,0 +1,44 @@
+"""Shared pieces of the training-loop tests: a tiny config over a tiny generated dataset."""
+
+from pathlib import Path
+
+from experiments.configs.metaworld import get_config
+
+
+def tiny_config(workdir: Path, data_dir: Path, **train):
+    c = get_config("tiny")
+    c.workdir = str(workdir)
+    c.data.dir = str(data_dir)
+    c.data.tasks = "reach,push"
+    c.data.episodes_per_task = 2
+    c.data.generate_image_size = 64
+    c.data.image_size = 32
+    c.data.batch_size = 8
+    c.data.shuffle_buffer = 64
+    c.model.encoder_kwargs = {"width": 32, "channels": (16, 32)}
+    c.model.backbone_overrides = {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 2, "num_kv_heads": 1,
+                                  "head_dim": 16}
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 2
+    c.train.log_every = 1
+    c.train.tensorboard = False
+    for k, v in train.items():
+        setattr(c.train, k, v)
+    return c
+
+
+def config_flags(c) -> list[str]:
+    """The same config as command-line overrides of the tiny variant."""
+    flat = {
+        "workdir": c.workdir, "data.dir": c.data.dir, "data.tasks": c.data.tasks,
+        "data.episodes_per_task": c.data.episodes_per_task, "data.generate_image_size": c.data.generate_image_size,
+        "data.image_size": c.data.image_size, "data.batch_size": c.data.batch_size,
+        "data.shuffle_buffer": c.data.shuffle_buffer, "model.encoder_kwargs.width": 32,
+        "model.encoder_kwargs.channels": "(16,32)", "model.backbone_overrides.width": 32,
+        "model.backbone_overrides.depth": 2, "model.backbone_overrides.mlp_dim": 64,
+        "model.backbone_overrides.num_heads": 2, "model.backbone_overrides.num_kv_heads": 1,
+        "model.backbone_overrides.head_dim": 16, "optim.learning_rate": c.optim.learning_rate,
+        "optim.warmup_steps": c.optim.warmup_steps, "train.log_every": 1, "train.tensorboard": False,
+        "train.steps": c.train.steps, "train.save_every": c.train.save_every,
+    }
+    return ["--config=experiments/configs/metaworld.py:tiny"] + [f"--config.{k}={v}" for k, v in flat.items()]
