@@ -26,9 +26,8 @@ from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from vlax import data as vdata  # noqa: E402
-from vlax.build import build_policy  # noqa: E402
+from vlax.build import build_policy, policy_spec  # noqa: E402
 from vlax.nn import count_params  # noqa: E402
-from vlax.policy import PolicySpec  # noqa: E402
 from vlax.tokenizers import WordTokenizer, tokenizer_from_json  # noqa: E402
 from vlax.train import distributed  # noqa: E402
 from vlax.train.batch import model_batch  # noqa: E402
@@ -86,13 +85,6 @@ def task_names(cfg: ml_collections.ConfigDict) -> list[str]:
 def make_tokenizer(cfg: ml_collections.ConfigDict) -> WordTokenizer:
     """A word vocabulary over every instruction template of the configured tasks (saved with the checkpoint)."""
     return WordTokenizer.build(text for task in task_names(cfg) for text in vdata.INSTRUCTIONS[task])
-
-
-def policy_spec(cfg: ml_collections.ConfigDict) -> PolicySpec:
-    return PolicySpec(cameras=(cfg.data.camera,), image_size=cfg.data.image_size, state_dim=cfg.model.state_dim,
-                      action_dim=cfg.model.action_dim, horizon=cfg.data.action_horizon,
-                      max_text_len=cfg.model.max_text_len, state_input=cfg.model.state_input,
-                      num_readouts=cfg.model.num_readouts)
 
 
 def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:

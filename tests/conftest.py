@@ -12,3 +12,16 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_metaworld(tmp_path_factory):
+    """A Meta-World RLDS dataset of 2 tasks x 2 expert episodes at 64 px, generated once per test session."""
+    from vlax.data import generate_metaworld_dataset
+
+    path = tmp_path_factory.mktemp("metaworld_tiny")
+    generate_metaworld_dataset(str(path), tasks="reach,push", episodes_per_task=2, image_size=64,
+                               cameras=("corner2",), num_workers=2)
+    return path

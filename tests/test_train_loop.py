@@ -18,16 +18,9 @@ from vlax.train.metrics import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """Generated once for the module (2 tasks x 2 episodes at 64 px)."""
-    from vlax.data import generate_metaworld_dataset
-
-    path = tmp_path_factory.mktemp("mw")
-    c = tiny_config(path / "unused", path)
-    generate_metaworld_dataset(str(path), tasks=c.data.tasks, episodes_per_task=c.data.episodes_per_task,
-                               image_size=c.data.generate_image_size, cameras=(c.data.camera,), num_workers=2)
-    return path
+@pytest.fixture
+def data_dir(tiny_metaworld):
+    return tiny_metaworld
 
 
 def _launch(c):

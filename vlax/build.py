@@ -53,6 +53,15 @@ def backbone_vocab_size(model: Mapping[str, Any], text_vocab_size: int) -> int:
     return text_vocab_size
 
 
+def policy_spec(config: Mapping[str, Any]) -> PolicySpec:
+    """The :class:`PolicySpec` an experiment config describes (``data`` + ``model`` sections)."""
+    data, model = config["data"], config["model"]
+    return PolicySpec(cameras=(data["camera"],), image_size=int(data["image_size"]), state_dim=int(model["state_dim"]),
+                      action_dim=int(model["action_dim"]), horizon=int(data["action_horizon"]),
+                      max_text_len=int(model["max_text_len"]), state_input=model["state_input"],
+                      num_readouts=int(model.get("num_readouts", 0)))
+
+
 def build_policy(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: int, rngs: nnx.Rngs) -> VLA:
     """``model`` keys: ``encoder``, ``encoder_kwargs``, ``backbone`` (a named config), ``backbone_overrides``,
     ``head``, ``head_kwargs``, ``dtype`` (compute dtype, e.g. ``"bfloat16"``; parameters stay float32)."""

@@ -53,8 +53,12 @@ class Checkpointer:
         return restored["state"], meta
 
     def restore_raw(self, step: int) -> Any:
-        """The saved state as plain nested dicts of arrays, without a target (for transplanting into a new model)."""
-        return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        """The saved state as plain nested dicts of arrays, without a target (for transplanting into a new model).
+
+        Variables saved as ``{"value": array}`` come back as the array itself.
+        """
+        raw = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        return _unwrap_values(raw)
 
     def restore_latest(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
         """``(step, state, json items)`` of the newest checkpoint, or ``None`` when there is none."""
@@ -77,3 +81,11 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _unwrap_values(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        if set(tree) == {"value"}:
+            return tree["value"]
+        return {k: _unwrap_values(v) for k, v in tree.items()}
+    return tree
