@@ -3,6 +3,8 @@ a head (final hidden states, a per-layer prefix KV cache, next-token logits and 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,18 +14,26 @@ from flax import nnx
 import vlax.nn as vn
 from vlax.heads import get_head
 
+# Programs run only a few times compile in about half the time without XLA's backend optimisations.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
 
 class TinyLM(nnx.Module):
     """Llama-style LM: embed -> stacked DecoderBlocks -> RMSNorm -> tied logits. Satisfies vlax.nn.LanguageModel."""
 
     def __init__(self, vocab: int = 300, width: int = 32, depth: int = 2, heads: int = 4, kv_heads: int = 1,
                  head_dim: int = 8, *, rngs: nnx.Rngs):
-        self.spec = vn.ContextSpec(width=width, num_layers=depth, num_heads=heads, num_kv_heads=kv_heads,
-                                   head_dim=head_dim, vocab_size=vocab)
+        self.spec = self.spec_for(vocab, width, depth, heads, kv_heads, head_dim)
         self.embed = vn.Embed(vocab, width, embedding_init=nnx.initializers.normal(0.5), rngs=rngs)
         self.layers = vn.stack_layers(lambda r: vn.DecoderBlock(width, heads, kv_heads, head_dim, 2 * width,
                                                                 rngs=r), depth, rngs)
         self.norm = vn.RMSNorm(width, rngs=rngs)
+
+    @staticmethod
+    def spec_for(vocab: int = 300, width: int = 32, depth: int = 2, heads: int = 4, kv_heads: int = 1,
+                 head_dim: int = 8) -> vn.ContextSpec:
+        return vn.ContextSpec(width=width, num_layers=depth, num_heads=heads, num_kv_heads=kv_heads,
+                              head_dim=head_dim, vocab_size=vocab)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.embed.attend(hidden)
@@ -66,18 +76,45 @@ class TinyLM(nnx.Module):
         return self.logits(self.norm(h)), new
 
 
+class LinearBackbone(nnx.Module):
+    """The cheapest stand-in for a backbone: an observation becomes ``num_tokens`` context tokens, and each layer's
+    prefix keys/values are linear maps of them (shapes as a real backbone's cache, without attention)."""
+
+    def __init__(self, obs_dim: int, spec: vn.ContextSpec, num_tokens: int = 2, *, rngs: nnx.Rngs):
+        self.spec, self.num_tokens = spec, num_tokens
+        self.tokens = vn.Dense(obs_dim, num_tokens * spec.width, rngs=rngs)
+        kv = spec.num_layers * spec.num_kv_heads * spec.head_dim
+        self.kv = vn.Dense(spec.width, 2 * kv, rngs=rngs)
+
+    def context(self, obs: jax.Array, cache_room: int = 0) -> vn.HeadContext:
+        b, s = obs.shape[0], self.spec
+        tokens = jnp.tanh(self.tokens(obs)).reshape(b, self.num_tokens, s.width)
+        kv = self.kv(tokens).reshape(b, self.num_tokens, 2, s.num_layers, s.num_kv_heads, s.head_dim)
+        k, v = (jnp.moveaxis(kv[:, :, i], 2, 0) for i in range(2))  # [L, B, N, K, Dh]
+        mask = jnp.ones((b, self.num_tokens), bool)
+        return vn.HeadContext(tokens=tokens, mask=mask, cache=vn.KVCache.from_prefix(k, v, mask))
+
+
 class HeadPolicy(nnx.Module):
-    """A minimal VLA: prompt tokens + (optional) an observation vector -> TinyLM prefix -> head."""
+    """A minimal VLA: prompt tokens + (optional) an observation vector -> backbone prefix -> head.
+
+    ``backbone="lm"`` runs :class:`TinyLM` over ``[obs token, prompt]``; ``"linear"`` uses :class:`LinearBackbone`
+    on the observation alone (heads that do not decode through an LM learn the same, and compile faster).
+    """
 
     def __init__(self, head_name: str, *, action_dim: int, horizon: int, obs_dim: int = 0, lm_kwargs=None,
-                 head_kwargs=None, cache_room: int = 32, rngs: nnx.Rngs):
-        self.lm = TinyLM(**(lm_kwargs or {}), rngs=rngs)
-        self.obs_proj = vn.Dense(obs_dim, self.lm.spec.width, rngs=rngs) if obs_dim else None
+                 head_kwargs=None, cache_room: int = 32, backbone: str = "lm", rngs: nnx.Rngs):
+        self.lm = TinyLM(**(lm_kwargs or {}), rngs=rngs) if backbone == "lm" else None
+        spec = TinyLM.spec_for(**(lm_kwargs or {}))
+        self.linear = LinearBackbone(obs_dim, spec, rngs=rngs) if backbone == "linear" else None
+        self.obs_proj = vn.Dense(obs_dim, spec.width, rngs=rngs) if obs_dim and backbone == "lm" else None
         self.cache_room = cache_room
-        self.head = get_head(head_name, action_dim=action_dim, horizon=horizon, context=self.lm.spec,
+        self.head = get_head(head_name, action_dim=action_dim, horizon=horizon, context=spec,
                              **(head_kwargs or {}), rngs=rngs)
 
     def context(self, prompt: jax.Array, obs: jax.Array | None = None) -> vn.HeadContext:
+        if self.linear is not None:
+            return self.linear.context(obs)
         b, n = prompt.shape
         embeds = None if self.obs_proj is None else self.obs_proj(obs)[:, None]
         mask = jnp.ones((b, n + (0 if embeds is None else 1)), bool)
@@ -92,7 +129,7 @@ class HeadPolicy(nnx.Module):
 
 def train(model: nnx.Module, batch_fn, steps: int, lr: float = 3e-3, seed: int = 0):
     """Adam on ``model.loss(*batch)`` with a jitted pure step; returns the trained model and the last loss."""
-    opt = optax.adam(lr)
+    opt = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.05))  # a decayed rate settles noisy fits
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     opt_state = opt.init(params)
 

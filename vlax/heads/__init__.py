@@ -10,6 +10,7 @@ import functools
 from typing import Callable
 
 from flax import nnx
+from flax.core import FrozenDict
 
 from vlax.heads.bin_tokenizer import BinTokenizer
 from vlax.heads.binned import BinnedHead
@@ -42,14 +43,33 @@ HEADS: dict[str, Callable[..., ActionHead]] = {
 }
 
 
-def get_head(name: str, **kwargs) -> ActionHead:
-    """Build the head registered as ``name`` (keywords override its defaults; ``rngs`` defaults to ``Rngs(0)``)."""
+def head_class(name: str) -> tuple[type, dict]:
+    """``(class, default keyword arguments)`` of the head registered as ``name``."""
     if name not in HEADS:
         raise ValueError(f"unknown action head {name!r}; known: {sorted(HEADS)}")
+    entry = HEADS[name]
+    if isinstance(entry, functools.partial):
+        return entry.func, dict(entry.keywords)
+    return entry, {}
+
+
+def get_head(name: str, **kwargs) -> ActionHead:
+    """Build the head registered as ``name`` (keywords override its defaults; ``rngs`` defaults to ``Rngs(0)``)."""
+    cls, defaults = head_class(name)
     kwargs.setdefault("rngs", nnx.Rngs(0))
-    return HEADS[name](**kwargs)
+    return cls(**{**defaults, **kwargs})
 
 
-__all__ = ["HEADS", "get_head", "ActionHead", "BinTokenizer", "BinnedHead", "ChunkHead", "FlowHead",
+def to_linen(name: str, **kwargs) -> nnx.bridge.ToLinen:
+    """The head registered as ``name`` as a Linen module (``flax.nnx.bridge.ToLinen``).
+
+    Call its methods on the Linen side as ``head.loss(ctx, actions, rngs=key)`` / ``head.sample(ctx, rngs=key)``;
+    parameters live in the ``params`` collection of the enclosing Linen module.
+    """
+    cls, defaults = head_class(name)
+    return nnx.bridge.ToLinen(cls, kwargs=FrozenDict({**defaults, **kwargs}))
+
+
+__all__ = ["HEADS", "get_head", "head_class", "to_linen", "ActionHead", "BinTokenizer", "BinnedHead", "ChunkHead", "FlowHead",
            "DiffusionHead", "NoiseSchedule", "TemporalEnsembler", "EnsembleState", "ActionQueue", "combine_masks",
            "split_rngs"]

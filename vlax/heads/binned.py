@@ -87,6 +87,10 @@ class BinnedHead(ActionHead):
             else:
                 raise ValueError(f"unknown pool {pool!r}; known: ['map', 'mean']")
 
+    @property
+    def cache_slots(self) -> int | None:
+        return self.horizon * self.action_dim if self.mode == "lm" else None
+
     # ---- parallel mode ------------------------------------------------------------------------------------------
     def class_logits(self, ctx: HeadContext) -> jax.Array:
         """Parallel mode: logits ``[B, H, A, n_bins]`` in one pass."""

@@ -124,6 +124,12 @@ class ActionHead(nnx.Module):
     def action_shape(self) -> tuple[int, int]:
         return self.horizon, self.action_dim
 
+    @property
+    def cache_slots(self) -> int | None:
+        """Extra KV-cache positions the head needs after the prefix: ``None`` when it reads no cache (tokens
+        only), ``0`` when it reads the prefix cache without appending, ``n`` when it decodes ``n`` tokens."""
+        return None
+
     def check_context(self, ctx: HeadContext) -> None:
         if ctx.tokens.ndim != 3 or ctx.tokens.shape[-1] != self.context.width:
             raise ValueError(f"context tokens have shape {tuple(ctx.tokens.shape)}; this head expects "

@@ -85,6 +85,10 @@ class FlowHead(ActionHead):
                                         self_attn_every=self_attn_every, act=act or "silu", rope=rope, rngs=rngs)
         self.action_out_proj = Dense(width, self.action_dim, axes=("embed", None), rngs=rngs)
 
+    @property
+    def cache_slots(self) -> int:
+        return 0  # both experts read the backbone's per-layer prefix keys/values, appending nothing
+
     def _suffix_ar(self) -> np.ndarray:
         actions = [1] * self.horizon if self.causal_actions else [1] + [0] * (self.horizon - 1)
         return np.asarray(([1] if self.state_proj is not None else []) + actions, np.int32)
