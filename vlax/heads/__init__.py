@@ -1,4 +1,4 @@
-"""Action heads behind one contract (see :mod:`vlax.heads.common`), looked up by name.
+"""Action heads behind one contract (see :mod:`vlax.nn.head_base`), looked up by name.
 
 ``get_head("flow", action_dim=7, horizon=50, context=spec, rngs=nnx.Rngs(0))`` builds a head; a config swaps heads
 with one value. Registry entries are a head class plus published defaults, overridable by keyword.
@@ -12,14 +12,13 @@ from typing import Callable
 from flax import nnx
 from flax.core import FrozenDict
 
-from vlax.heads.bin_tokenizer import BinTokenizer
-from vlax.heads.binned import BinnedHead
+from vlax.heads.binned import BinnedHead, BinTokenizer
 from vlax.heads.chunk import ChunkHead
-from vlax.heads.common import ActionHead, combine_masks, split_rngs
-from vlax.heads.diffusion import DiffusionHead
+from vlax.heads.diffusion import ConditionalUnet1D, DiffusionHead, MLPResNetDenoiser
 from vlax.heads.execution import ActionQueue, EnsembleState, TemporalEnsembler
-from vlax.heads.flow import FlowHead
-from vlax.heads.noise_schedules import NoiseSchedule
+from vlax.heads.flow import FlowHead, Pi0Expert, SmolVLAExpert
+from vlax.nn.head_base import ActionHead, combine_masks, split_rngs
+from vlax.nn.noise_schedules import NoiseSchedule
 
 HEADS: dict[str, Callable[..., ActionHead]] = {
     # RT-2 / OpenVLA: action tokens decoded through the backbone's LM head with its KV cache.
@@ -70,6 +69,6 @@ def to_linen(name: str, **kwargs) -> nnx.bridge.ToLinen:
     return nnx.bridge.ToLinen(cls, kwargs=FrozenDict({**defaults, **kwargs}))
 
 
-__all__ = ["HEADS", "get_head", "head_class", "to_linen", "ActionHead", "BinTokenizer", "BinnedHead", "ChunkHead", "FlowHead",
-           "DiffusionHead", "NoiseSchedule", "TemporalEnsembler", "EnsembleState", "ActionQueue", "combine_masks",
-           "split_rngs"]
+__all__ = ["HEADS", "get_head", "head_class", "to_linen", "ActionHead", "BinTokenizer", "BinnedHead", "ChunkHead",
+           "FlowHead", "Pi0Expert", "SmolVLAExpert", "DiffusionHead", "MLPResNetDenoiser", "ConditionalUnet1D",
+           "NoiseSchedule", "TemporalEnsembler", "EnsembleState", "ActionQueue", "combine_masks", "split_rngs"]

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlax.heads.common import ActionHead, RngLike, dropout, masked_mean, split_rngs
 from vlax.nn import Attention, ContextSpec, Dense, HeadContext, LayerNorm, Mlp, scan_layers, stack_layers
+from vlax.nn.head_base import ActionHead, RngLike, dropout, masked_mean, split_rngs
 from vlax.nn.params import param
 
 REGRESSION_LOSSES = ("l1", "mse", "huber")

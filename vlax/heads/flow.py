@@ -8,6 +8,17 @@ prepared once before the loop.
 The suffix the expert reads is ``[state token (optional)] + H action tokens``; block-causal: the prefix sees
 neither, the state token does not see the actions. Time enters either by an MLP mixing it into every action token
 (π0) or through adaptive RMSNorm (π0.5, ``time_conditioning="adarms"``).
+
+The action experts are transformers with their own weights that read the backbone's per-layer prefix keys/values.
+
+* :class:`Pi0Expert` (π0): the backbone's depth and key/value geometry, its own width and MLP. Layer ``l`` attends
+  jointly to prefix layer ``l``'s cached keys/values and to its own tokens (shared attention). With ``cond_dim``
+  its norms are adaptive RMSNorms modulated by a conditioning vector (π0.5's time conditioning).
+* :class:`SmolVLAExpert` (SmolVLA): a narrower expert interleaving those joint self-attention layers with
+  cross-attention layers, whose keys/values are the expert's own projections of the prefix's cached keys/values.
+
+Both split their work into ``prepare(cache)`` (loop-invariant, once per prefix) and ``__call__`` (per denoising
+step), so a sampling loop never recomputes anything about the prefix.
 """
 
 from __future__ import annotations
@@ -15,12 +26,221 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from einops import rearrange
+from flax import nnx, struct
 
-from vlax.heads.common import ActionHead, RngLike, masked_mean, sincos_embedding, split_rngs
-from vlax.heads.experts import Pi0Expert, PreparedPrefix, SmolVLAExpert
-from vlax.nn import ContextSpec, Dense, HeadContext, RopeConfig
+from vlax.nn import (Attention, ContextSpec, Dense, GatedMlp, HeadContext, KVCache, RMSNorm, RopeConfig,
+                     dot_product_attention, positions_from_mask, prefix_suffix_mask, scan_layers, stack_layers)
+from vlax.nn.head_base import ActionHead, RngLike, masked_mean, sincos_embedding, split_rngs
 
+
+# ---- action experts ------------------------------------------------------------------------------------------------
+class AdaRMSNorm(nnx.Module):
+    """RMSNorm whose scale, shift and residual gate come from a conditioning vector (π0.5).
+
+    ``modulation`` is zero-initialised, as in openpi: at initialisation scale = shift = 0 and the gate closes the
+    residual branch.
+    """
+
+    def __init__(self, features: int, cond_dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs):
+        self.eps = eps
+        self.modulation = Dense(cond_dim, 3 * features, kernel_init=nnx.initializers.zeros, axes=(None, "embed"),
+                                rngs=rngs)
+
+    def __call__(self, x: jax.Array, cond: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``x [B, T, D]``, ``cond [B, C]`` -> ``(normed [B, T, D], gate [B, 1, D])``."""
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        scale, shift, gate = jnp.split(self.modulation(cond.astype(jnp.float32))[:, None, :], 3, axis=-1)
+        return (normed * (1.0 + scale) + shift).astype(x.dtype), gate.astype(x.dtype)
+
+
+def _norm(norm: nnx.Module, x: jax.Array, cond: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    if isinstance(norm, AdaRMSNorm):
+        if cond is None:
+            raise ValueError("this expert uses adaptive RMSNorm: pass cond")
+        return norm(x, cond)
+    return norm(x), None
+
+
+def _residual(x: jax.Array, y: jax.Array, gate: jax.Array | None) -> jax.Array:
+    return x + (y if gate is None else y * gate).astype(x.dtype)
+
+
+class ExpertBlock(nnx.Module):
+    """Pre-norm block (HF Llama names). Joint attention to ``(prefix_k, prefix_v)`` + own tokens, or, with
+    ``cross_kv_features``, cross-attention to keys/values projected from the prefix's cached keys/values."""
+
+    def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int, mlp_dim: int, *, act: str,
+                 rope: RopeConfig | None, cond_dim: int | None = None, cross_kv_features: int | None = None,
+                 norm_eps: float = 1e-6, rngs: nnx.Rngs):
+        def make_norm():
+            if cond_dim:
+                return AdaRMSNorm(width, cond_dim, eps=norm_eps, rngs=rngs)
+            return RMSNorm(width, eps=norm_eps, rngs=rngs)
+
+        self.cross = cross_kv_features is not None
+        self.head_dim = head_dim
+        self.input_layernorm = make_norm()
+        self.self_attn = Attention(width, num_heads, num_kv_heads, head_dim, kv_features=cross_kv_features,
+                                   rope=rope, rngs=rngs)
+        self.post_attention_layernorm = make_norm()
+        self.mlp = GatedMlp(width, mlp_dim, act=act, rngs=rngs)
+
+    def project_prefix(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Cross layers: expert keys/values ``[B, S, K, Dh]`` from the prefix's cached ``k, v [B, S, Kp, Dhp]``."""
+        flat = lambda a: rearrange(a, "b s k d -> b s (k d)")  # noqa: E731
+        split = lambda a: rearrange(a, "b s (k d) -> b s k d", d=self.head_dim)  # noqa: E731
+        return split(self.self_attn.k_proj(flat(k))), split(self.self_attn.v_proj(flat(v)))
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array, positions: jax.Array, prefix_kv: tuple[jax.Array, jax.Array],
+                 cond: jax.Array | None = None) -> jax.Array:
+        h, gate = _norm(self.input_layernorm, x, cond)
+        if not self.cross:
+            a, _ = self.self_attn(h, mask=mask, positions=positions, kv=prefix_kv)
+        else:
+            attn = self.self_attn
+            q = rearrange(attn.q_proj(h), "b t (n d) -> b t n d", d=self.head_dim)
+            k, v = prefix_kv
+            out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+            a = attn.o_proj(rearrange(out, "b t n d -> b t (n d)"))
+        x = _residual(x, a, gate)
+        h, gate = _norm(self.post_attention_layernorm, x, cond)
+        return _residual(x, self.mlp(h), gate)
+
+
+@struct.dataclass
+class PreparedPrefix:
+    """Loop-invariant view of the prefix an expert reads: stacked per-layer keys/values and slot mask/positions."""
+
+    k: jax.Array  # [L_self, B, S, K, Dh] keys for the joint-attention layers
+    v: jax.Array
+    mask: jax.Array  # [B, S]
+    next_position: jax.Array  # [B]
+    cross_k: jax.Array | None = None  # [L_cross, B, S, K, Dh] expert-projected keys of the cross layers
+    cross_v: jax.Array | None = None
+
+
+def _check_cache(cache: KVCache | None, context: ContextSpec) -> KVCache:
+    if cache is None:
+        raise ValueError("this expert attends to the backbone's layers: the context needs its prefix KV cache "
+                         "(HeadContext.cache)")
+    expected = (context.num_layers, context.num_kv_heads, context.head_dim)
+    got = (cache.k.shape[0], cache.k.shape[3], cache.k.shape[4])
+    if got != expected:
+        raise ValueError(f"prefix cache k has shape {tuple(cache.k.shape)} (layers, kv heads, head dim = {got}); "
+                         f"the expert was built for {expected}")
+    return cache
+
+
+class Pi0Expert(nnx.Module):
+    """π0 action expert: ``context.num_layers`` blocks sharing attention with the backbone's layers.
+
+    Args:
+      context: the backbone's :class:`vlax.nn.ContextSpec` (``num_layers``, ``num_kv_heads``, ``head_dim``;
+        ``num_heads`` is the default number of query heads).
+      width, mlp_dim: the expert's own sizes (π0: 1024 / 4096 beside Gemma-2B's 2048).
+      act: MLP gate activation (Gemma: ``"gelu_tanh"``).
+      cond_dim: if set, adaptive RMSNorm conditioned on a ``[B, cond_dim]`` vector (π0.5).
+      rope: must equal the backbone's RoPE so that suffix queries and cached prefix keys line up.
+    """
+
+    def __init__(self, context: ContextSpec, *, width: int, mlp_dim: int, num_heads: int | None = None,
+                 act: str = "gelu_tanh", cond_dim: int | None = None, rope: RopeConfig | None = RopeConfig(),
+                 rngs: nnx.Rngs):
+        context.require("num_layers", "num_kv_heads", "head_dim", why="the π0 expert")
+        self.context = context
+        num_heads = num_heads or context.num_heads or context.num_kv_heads
+        self.layers = stack_layers(
+            lambda r: ExpertBlock(width, num_heads, context.num_kv_heads, context.head_dim, mlp_dim, act=act,
+                                  rope=rope, cond_dim=cond_dim, rngs=r), context.num_layers, rngs)
+        self.norm = AdaRMSNorm(width, cond_dim, rngs=rngs) if cond_dim else RMSNorm(width, rngs=rngs)
+
+    def prepare(self, cache: KVCache | None) -> PreparedPrefix:
+        cache = _check_cache(cache, self.context)
+        return PreparedPrefix(k=cache.k, v=cache.v, mask=cache.mask, next_position=cache.next_position)
+
+    def __call__(self, x: jax.Array, prefix: PreparedPrefix, suffix_mask: jax.Array, suffix_ar: jax.Array,
+                 cond: jax.Array | None = None) -> jax.Array:
+        """Suffix tokens ``x [B, T, W]`` -> ``[B, T, W]``; the prefix cannot see them (block-causal masks)."""
+        mask = prefix_suffix_mask(prefix.mask, suffix_mask, suffix_ar)
+        positions = positions_from_mask(suffix_mask, prefix.next_position)
+
+        def body(layer, h, kv):
+            return layer(h, mask=mask, positions=positions, prefix_kv=kv, cond=cond), None
+
+        x, _ = scan_layers(self.layers, body, x, (prefix.k, prefix.v))
+        return _norm(self.norm, x, cond)[0]
+
+
+class SmolVLAExpert(nnx.Module):
+    """SmolVLA action expert: groups of one joint self-attention layer and ``self_attn_every - 1`` cross layers.
+
+    Layer ``l`` of the expert pairs with prefix layer ``l``: self-attention layers (``l % self_attn_every == 0``)
+    attend to that layer's cached keys/values plus the suffix; cross-attention layers attend to the prefix only,
+    through the expert's own ``k_proj``/``v_proj`` applied to that layer's cached keys and values. Query heads and
+    head size match the backbone's (the self-attention layers concatenate keys with it).
+    """
+
+    def __init__(self, context: ContextSpec, *, width: int, mlp_dim: int, num_heads: int | None = None,
+                 self_attn_every: int = 2, act: str = "silu", rope: RopeConfig | None = RopeConfig(),
+                 rngs: nnx.Rngs):
+        context.require("num_layers", "num_kv_heads", "head_dim", why="the SmolVLA expert")
+        depth, n = context.num_layers, self_attn_every
+        if n < 1 or depth % n:
+            raise ValueError(f"self_attn_every={n} must divide the backbone depth num_layers={depth}")
+        self.context, self.every, self.groups = context, n, depth // n
+        num_heads = num_heads or context.num_heads or context.num_kv_heads
+        kv, dh = context.num_kv_heads, context.head_dim
+        self.self_layers = stack_layers(
+            lambda r: ExpertBlock(width, num_heads, kv, dh, mlp_dim, act=act, rope=rope, rngs=r), self.groups, rngs)
+        self.cross_layers = stack_layers(
+            lambda r: ExpertBlock(width, num_heads, kv, dh, mlp_dim, act=act, rope=None, cross_kv_features=kv * dh,
+                                  rngs=r), self.groups * (n - 1), rngs) if n > 1 else None
+        self.norm = RMSNorm(width, rngs=rngs)
+
+    def prepare(self, cache: KVCache | None) -> PreparedPrefix:
+        cache = _check_cache(cache, self.context)
+        n = self.every
+        grouped = lambda a: a.reshape(self.groups, n, *a.shape[1:])  # noqa: E731
+        k, v = grouped(cache.k), grouped(cache.v)
+        prefix = PreparedPrefix(k=k[:, 0], v=v[:, 0], mask=cache.mask, next_position=cache.next_position)
+        if self.cross_layers is None:
+            return prefix
+        cross = lambda a: a[:, 1:].reshape(self.groups * (n - 1), *a.shape[2:])  # noqa: E731
+
+        def body(layer, carry, kv):
+            return carry, layer.project_prefix(*kv)
+
+        _, (ck, cv) = scan_layers(self.cross_layers, body, None, (cross(k), cross(v)))
+        return prefix.replace(cross_k=ck, cross_v=cv)
+
+    def __call__(self, x: jax.Array, prefix: PreparedPrefix, suffix_mask: jax.Array, suffix_ar: jax.Array,
+                 cond: jax.Array | None = None) -> jax.Array:
+        n = self.every
+        joint_mask = prefix_suffix_mask(prefix.mask, suffix_mask, suffix_ar)
+        cross_mask = prefix.mask[:, None, :].astype(bool) & suffix_mask[:, :, None].astype(bool)
+        positions = positions_from_mask(suffix_mask, prefix.next_position)
+        self_def, self_state = nnx.split(self.self_layers)
+        per_group = [self_state, prefix.k, prefix.v]
+        if self.cross_layers is not None:
+            cross_def, cross_state = nnx.split(self.cross_layers)
+            grouped = lambda a: a.reshape(self.groups, n - 1, *a.shape[1:])  # noqa: E731
+            per_group += [jax.tree.map(grouped, cross_state), grouped(prefix.cross_k), grouped(prefix.cross_v)]
+
+        def step(h, xs):
+            layer = nnx.merge(self_def, xs[0])
+            h = layer(h, mask=joint_mask, positions=positions, prefix_kv=(xs[1], xs[2]), cond=cond)
+            for j in range(n - 1):
+                cross_layer = nnx.merge(cross_def, jax.tree.map(lambda a: a[j], xs[3]))
+                h = cross_layer(h, mask=cross_mask, positions=positions, prefix_kv=(xs[4][j], xs[5][j]), cond=cond)
+            return h, None
+
+        x, _ = jax.lax.scan(step, x, tuple(per_group))
+        return self.norm(x)
+
+
+# ---- the head ------------------------------------------------------------------------------------------------------
 EXPERTS = ("pi0", "smolvla")
 TIME_CONDITIONING = ("concat", "adarms")
 
@@ -46,8 +266,9 @@ class FlowHead(ActionHead):
                  width: int | None = None, mlp_dim: int | None = None, num_heads: int | None = None,
                  time_conditioning: str = "concat", state_dim: int | None = None, width_ratio: float = 0.75,
                  self_attn_every: int = 2, causal_actions: bool = False, act: str | None = None,
-                 rope: RopeConfig | None = RopeConfig(), num_steps: int = 10, time_beta: tuple[float, float] = (1.5, 1.0),
-                 time_min_period: float = 4e-3, time_max_period: float = 4.0, rngs: nnx.Rngs):
+                 rope: RopeConfig | None = RopeConfig(), num_steps: int = 10,
+                 time_beta: tuple[float, float] = (1.5, 1.0), time_min_period: float = 4e-3,
+                 time_max_period: float = 4.0, rngs: nnx.Rngs):
         self._init_contract(action_dim, horizon, context)
         if expert not in EXPERTS:
             raise ValueError(f"unknown flow expert {expert!r}; known: {list(EXPERTS)}")

@@ -15,6 +15,8 @@ from vlax.nn.norms import LayerNorm, LayerScale, RMSNorm
 from vlax.nn.params import count_params, logical_axes_of, param
 from vlax.nn.rope import RopeConfig, apply_rope, inverse_frequencies
 from vlax.nn.scan import REMAT_POLICIES, remat_policy, scan_layers, stack_layers
+from vlax.nn.head_base import ActionHead, AttentionPool, combine_masks, split_rngs
+from vlax.nn.noise_schedules import NoiseSchedule
 
 __all__ = [
     "Attention", "dot_product_attention", "KVCache", "Dense", "Embed", "LoRADense", "LoRAParam", "apply_lora",
@@ -22,4 +24,5 @@ __all__ = [
     "LayerNorm", "LayerScale", "RMSNorm", "count_params", "logical_axes_of", "param", "RopeConfig", "apply_rope",
     "inverse_frequencies", "DecoderBlock", "REMAT_POLICIES", "remat_policy", "scan_layers", "stack_layers",
     "ContextSpec", "HeadContext", "LanguageModel", "unpack_decode",
+    "ActionHead", "AttentionPool", "combine_masks", "split_rngs", "NoiseSchedule",
 ]

@@ -1,4 +1,4 @@
-"""The head contract and the small pieces every head shares: input checks, masks, RNG streams, pooling.
+"""The action-head contract and the small pieces every head shares: input checks, masks, RNG streams, pooling.
 
 Every head is an ``nnx.Module`` with
 
@@ -19,7 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlax.nn import Attention, ContextSpec, Dense, HeadContext, LayerNorm, Mlp
+from vlax.nn.attention import Attention
+from vlax.nn.context import ContextSpec, HeadContext
+from vlax.nn.mlp import Mlp
+from vlax.nn.norms import LayerNorm
 from vlax.nn.params import param
 
 RngLike = nnx.Rngs | jax.Array
