@@ -21,7 +21,7 @@ from typing import Any  # noqa: E402
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -48,18 +48,21 @@ flags.DEFINE_integer("process_id", None, "this process's index in a multi-proces
 
 # ---- pieces of a run ---------------------------------------------------------------------------------------------
 
+def generate_dataset(cfg: ml_collections.ConfigDict) -> str:
+    """The configured Meta-World dataset's directory, generated on first use and reused afterwards."""
+    return vdata.generate_metaworld_dataset(
+        cfg.data.dir, tasks=cfg.data.tasks, episodes_per_task=cfg.data.episodes_per_task,
+        image_size=cfg.data.generate_image_size, cameras=(cfg.data.camera,), num_workers=cfg.data.num_workers)
+
+
 def prepare_data(cfg: ml_collections.ConfigDict, *, train: bool = True, expected_artifact=None):
     """Generate (or reuse) the Meta-World dataset and build this host's pipeline."""
     if jax.process_index() == 0:
-        path = vdata.generate_metaworld_dataset(
-            cfg.data.dir, tasks=cfg.data.tasks, episodes_per_task=cfg.data.episodes_per_task,
-            image_size=cfg.data.generate_image_size, cameras=(cfg.data.camera,), num_workers=cfg.data.num_workers)
+        path = generate_dataset(cfg)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("dataset ready")
-        path = vdata.generate_metaworld_dataset(
-            cfg.data.dir, tasks=cfg.data.tasks, episodes_per_task=cfg.data.episodes_per_task,
-            image_size=cfg.data.generate_image_size, cameras=(cfg.data.camera,), num_workers=cfg.data.num_workers)
+        path = generate_dataset(cfg)  # every host now finds it and reuses it
     if cfg.data.batch_size % jax.process_count():
         raise ValueError(f"batch_size {cfg.data.batch_size} is not divisible by {jax.process_count()} processes")
     data_config = vdata.DataConfig(
@@ -223,6 +226,7 @@ def _prune_iterators(workdir: Path, ckpt: Checkpointer, keep_also: int) -> None:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # progress goes to stdout; checkpoint libraries log every file at INFO
     distributed.initialize(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id)
     summary = train(_CONFIG.value)
     print(json.dumps({k: v for k, v in summary.items() if k != "losses"}))

@@ -18,6 +18,8 @@ def tiny_config(workdir: Path, data_dir: Path, **train):
     c.model.encoder_kwargs = {"width": 32, "channels": (16, 32)}
     c.model.backbone_overrides = {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 2, "num_kv_heads": 1,
                                   "head_dim": 16}
+    for head in ("chunk", "chunk_cvae"):
+        c.model.head_defaults[head].update(width=32, depth=1, num_heads=2, mlp_dim=64)
     c.optim.learning_rate = 1e-3
     c.optim.warmup_steps = 2
     c.train.log_every = 1
@@ -37,7 +39,9 @@ def config_flags(c) -> list[str]:
         "model.encoder_kwargs.channels": "(16,32)", "model.backbone_overrides.width": 32,
         "model.backbone_overrides.depth": 2, "model.backbone_overrides.mlp_dim": 64,
         "model.backbone_overrides.num_heads": 2, "model.backbone_overrides.num_kv_heads": 1,
-        "model.backbone_overrides.head_dim": 16, "optim.learning_rate": c.optim.learning_rate,
+        "model.backbone_overrides.head_dim": 16, **{
+            f"model.head_defaults.{h}.{k}": v for h in ("chunk", "chunk_cvae")
+            for k, v in dict(width=32, depth=1, num_heads=2, mlp_dim=64).items()}, "optim.learning_rate": c.optim.learning_rate,
         "optim.warmup_steps": c.optim.warmup_steps, "train.log_every": 1, "train.tensorboard": False,
         "train.steps": c.train.steps, "train.save_every": c.train.save_every,
     }

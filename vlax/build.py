@@ -47,10 +47,14 @@ def _encoder(name: str, kwargs: Mapping[str, Any], image_size: int, rngs: nnx.Rn
 
 
 def backbone_vocab_size(model: Mapping[str, Any], text_vocab_size: int) -> int:
-    """Text vocabulary plus, for LM-decoded binned actions, the bins that occupy the last ids of the vocabulary."""
+    """Text vocabulary plus the bins that occupy the last ids of the vocabulary, for LM-decoded binned actions
+    and discretized state (both count bins from the end, so they share those ids)."""
+    bins = 0
     if model["head"] == "binned_lm":
-        return text_vocab_size + int(dict(model.get("head_kwargs", {})).get("n_bins", 256))
-    return text_vocab_size
+        bins = int(dict(model.get("head_kwargs", {})).get("n_bins", 256))
+    if model.get("state_input") == "discrete":
+        bins = max(bins, int(model.get("state_bins", 256)))
+    return text_vocab_size + bins
 
 
 def policy_spec(config: Mapping[str, Any]) -> PolicySpec:
@@ -59,12 +63,13 @@ def policy_spec(config: Mapping[str, Any]) -> PolicySpec:
     return PolicySpec(cameras=(data["camera"],), image_size=int(data["image_size"]), state_dim=int(model["state_dim"]),
                       action_dim=int(model["action_dim"]), horizon=int(data["action_horizon"]),
                       max_text_len=int(model["max_text_len"]), state_input=model["state_input"],
-                      num_readouts=int(model.get("num_readouts", 0)))
+                      num_readouts=int(model.get("num_readouts", 0)), state_bins=int(model.get("state_bins", 256)))
 
 
 def build_policy(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: int, rngs: nnx.Rngs) -> VLA:
     """``model`` keys: ``encoder``, ``encoder_kwargs``, ``backbone`` (a named config), ``backbone_overrides``,
-    ``head``, ``head_kwargs``, ``dtype`` (compute dtype, e.g. ``"bfloat16"``; parameters stay float32)."""
+    ``head``, ``head_kwargs``, ``head_defaults`` (``{head name: kwargs}``, used when that head is chosen),
+    ``dtype`` (compute dtype, e.g. ``"bfloat16"``; parameters stay float32)."""
     head_name = model["head"]
     if head_name not in HEADS:
         raise ValueError(f"unknown action head {head_name!r}; known: {sorted(HEADS)}")
@@ -75,7 +80,8 @@ def build_policy(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: in
         overrides["dtype"] = dtype
     backbone = Transformer(get_config(model["backbone"], **overrides), rngs=rngs)
     encoder, encoder_width = _encoder(model["encoder"], model.get("encoder_kwargs", {}), spec.image_size, rngs)
-    head_kwargs = dict(model.get("head_kwargs", {}))
+    # Per-head sizes a config scales to its backbone, then explicit overrides for the chosen head.
+    head_kwargs = {**dict(model.get("head_defaults", {}).get(head_name, {})), **dict(model.get("head_kwargs", {}))}
     if spec.state_input == "head":
         head_kwargs.setdefault("state_dim", spec.state_dim)
     head = get_head(head_name, action_dim=spec.action_dim, horizon=spec.horizon,

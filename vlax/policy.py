@@ -19,10 +19,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlax.heads import BinTokenizer
 from vlax.nn import ContextSpec, Dense, HeadContext, param
 
 Observation = dict[str, Any]  # {"images": {camera: uint8 [B, h, w, 3]}, "state": [B, S], "text_ids": [B, L],
 #                                 "text_mask": [B, L]}
+
+
+STATE_INPUTS = ("prefix", "discrete", "head", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +34,10 @@ class PolicySpec:
     """Shapes and wiring of a policy (saved with every checkpoint).
 
     ``state_input``: ``"prefix"`` (a state token in the backbone's prefix, every head sees it through the
-    backbone), ``"head"`` (``ctx.state`` for heads that embed the state themselves, as π0 does) or ``"none"``.
+    backbone), ``"discrete"`` (π0.5: each normalized state dimension digitized into ``state_bins`` uniform bins over
+    [-1, 1] and read as one vocabulary token, the bins occupying the last ids of the backbone's vocabulary as
+    OpenVLA's action tokens do), ``"head"`` (``ctx.state`` for heads that embed the state themselves, as π0 does)
+    or ``"none"``.
     """
 
     cameras: tuple[str, ...]
@@ -41,10 +48,11 @@ class PolicySpec:
     max_text_len: int
     state_input: str = "prefix"
     num_readouts: int = 0
+    state_bins: int = 256
 
     def __post_init__(self):
-        if self.state_input not in ("prefix", "head", "none"):
-            raise ValueError(f"state_input={self.state_input!r}; known: 'prefix', 'head', 'none'")
+        if self.state_input not in STATE_INPUTS:
+            raise ValueError(f"state_input={self.state_input!r}; known: {list(STATE_INPUTS)}")
         if not self.cameras:
             raise ValueError("a policy needs at least one camera")
 
@@ -69,6 +77,8 @@ class VLA(nnx.Module):
                                       (None, "embed"))
         self.state_proj = Dense(spec.state_dim, width, axes=(None, "embed"), rngs=rngs) \
             if spec.state_input == "prefix" else None
+        self.state_tokenizer = BinTokenizer(n_bins=spec.state_bins, vocab_size=backbone.config.vocab_size) \
+            if spec.state_input == "discrete" else None
         self.readouts = param(rngs, nnx.initializers.normal(0.02), (spec.num_readouts, width), (None, "embed")) \
             if spec.num_readouts else None
         if tuple(head.action_shape) != (spec.horizon, spec.action_dim):
@@ -92,12 +102,16 @@ class VLA(nnx.Module):
         batch = parts[0].shape[0]
         parts.append(self.backbone.embed_tokens(obs["text_ids"]).astype(parts[0].dtype))
         masks.append(jnp.asarray(obs["text_mask"], bool))
-        if self.state_proj is not None:
+        if self.spec.state_input in ("prefix", "discrete"):
             state = jnp.asarray(obs["state"], parts[0].dtype)
             if state.shape[-1] != self.spec.state_dim:
                 raise ValueError(f"state has shape {tuple(state.shape)}; the policy expects [B, {self.spec.state_dim}]")
-            parts.append(self.state_proj(state)[:, None])
-            masks.append(jnp.ones((batch, 1), bool))
+            if self.state_tokenizer is not None:
+                state_tokens = self.backbone.embed_tokens(self.state_tokenizer.encode(state)).astype(parts[0].dtype)
+            else:
+                state_tokens = self.state_proj(state)[:, None]
+            parts.append(state_tokens)
+            masks.append(jnp.ones(state_tokens.shape[:2], bool))
         prefix_len = sum(p.shape[1] for p in parts)
         ar = [jnp.zeros(prefix_len, jnp.int32)]
         if self.readouts is not None:
