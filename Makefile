@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench parity clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m experiments.demo
+
+parity: $(STAMP)
+	$(PY) -m experiments.checkpoint_parity
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
