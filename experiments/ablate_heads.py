@@ -11,7 +11,7 @@ proprioceptive state and the instruction only.
 
 Columns: closed-loop success per task and mean; the final training loss (not comparable across heads: L1, MSE
 and cross-entropy differ in kind); parameters; train steps/s; inference latency per chunk (one
-``sample_actions`` call on one observation) and per executed action (per chunk / actions executed per chunk).
+``sample_actions`` call on one observation during evaluation, compilation excluded) and per executed action.
 """
 
 from __future__ import annotations
@@ -57,13 +57,24 @@ def _thread_env(threads: int) -> dict:
     return env
 
 
+def _train_seconds(workdir: Path) -> float:
+    log = workdir / "train_time.json"
+    return sum(json.loads(line)["seconds"] for line in log.read_text().splitlines()) if log.exists() else 0.0
+
+
 def train_head(head: str, workdir: Path, threads: int) -> None:
-    """Train (or resume) one head in a subprocess; its log goes to ``<run>/train.log``."""
+    """Train (or resume) one head in a subprocess; its log goes to ``<run>/train.log``.
+
+    The wall-time budget spans resumptions: a resumed run gets what earlier processes left of ``--max_minutes``.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
+    minutes = FLAGS.max_minutes
+    if minutes > 0:
+        minutes = max(minutes - _train_seconds(workdir) / 60, 0.05)
     cmd = [sys.executable, "-m", "experiments.train", f"--config={CONFIG}:{FLAGS.variant}",
            f"--config.model.head={head}", f"--config.workdir={workdir}", f"--config.seed={FLAGS.seed}",
            f"--config.data.tasks={FLAGS.tasks}", f"--config.train.steps={FLAGS.steps}",
-           f"--config.train.max_minutes={FLAGS.max_minutes}", "--config.train.tensorboard=False"]
+           f"--config.train.max_minutes={minutes}", "--config.train.tensorboard=False"]
     cmd += [f"--config.{s}" for s in FLAGS.set]
     t0 = time.time()
     with open(workdir / "train.log", "a") as log:
@@ -72,6 +83,7 @@ def train_head(head: str, workdir: Path, threads: int) -> None:
         raise RuntimeError(f"training {head} failed (exit {code}); see {workdir / 'train.log'}")
     with open(workdir / "train_time.json", "a") as f:  # one line per (resumed) training process
         f.write(json.dumps({"seconds": time.time() - t0, "threads": threads}) + "\n")
+    (workdir / "train_done").touch()  # a finished budget is never extended by a later resumption
 
 
 def train_summary(workdir: Path) -> dict:
@@ -91,33 +103,12 @@ def train_summary(workdir: Path) -> dict:
     return summary
 
 
-def inference_latency(workdir: Path, rounds: int = 30) -> dict:
-    """Median wall time of one ``sample_actions`` call on one observation (jitted, warmed up)."""
-    from vlax.inference import PolicyRunner
-
-    runner = PolicyRunner.from_checkpoint(workdir)
-    spec = runner.spec
-    rng = np.random.default_rng(0)
-    obs = {f"image_{c}": rng.integers(0, 255, (spec.image_size, spec.image_size, 3), np.uint8)
-           for c in spec.cameras}
-    obs["state"] = rng.normal(size=(runner.artifact.dim("state"),)).astype(np.float32)
-    instruction = "reach the goal"
-    for _ in range(3):
-        runner.sample_actions(obs, instruction)
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        runner.sample_actions(obs, instruction)
-        times.append(time.perf_counter() - t0)
-    return {"ms_per_chunk": 1e3 * float(np.median(times)), "horizon": spec.horizon}
-
-
 def evaluate_head(workdir: Path) -> dict:
     from vlax.eval import evaluate
 
     return evaluate(str(workdir), tasks=FLAGS.tasks, episodes_per_task=FLAGS.episodes_per_task, seed=FLAGS.seed,
                     execution=FLAGS.execution, replan_every=FLAGS.replan_every or None,
-                    num_workers=FLAGS.eval_workers, out=str(workdir / "eval.json"))
+                    num_workers=FLAGS.eval_workers, results_path=str(workdir / "eval.json"), progress=False)
 
 
 def saved_config(workdir: Path) -> dict:
@@ -137,17 +128,14 @@ def run_one(head: str, threads: int) -> dict:
     if done.exists():
         print(f"[{name}] already done: {done}")
         return json.loads(done.read_text())
-    print(f"[{name}] training ({threads} thread{'s' * (threads > 1)})", flush=True)
-    train_head(head, workdir, threads)
+    if not (workdir / "train_done").exists():
+        print(f"[{name}] training ({threads} thread{'s' * (threads > 1)})", flush=True)
+        train_head(head, workdir, threads)
     result = {"head": head, **train_summary(workdir)}
-    times = [json.loads(line) for line in (workdir / "train_time.json").read_text().splitlines()]
-    result["train_minutes"] = sum(t["seconds"] for t in times) / 60
+    result["train_minutes"] = _train_seconds(workdir) / 60
     result["config"] = saved_config(workdir)
     print(f"[{name}] evaluating", flush=True)
-    result["eval"] = evaluate_head(workdir)
-    result["latency"] = inference_latency(workdir)
-    executed = result["eval"].get("config", {}).get("replan_every") or result["latency"]["horizon"]
-    result["latency"]["ms_per_action"] = result["latency"]["ms_per_chunk"] / executed
+    result["eval"] = {k: v for k, v in evaluate_head(workdir).items() if k != "episodes"}
     done.write_text(json.dumps(result, indent=1))
     print(f"[{name}] mean success {result['eval']['mean_success']:.1%}", flush=True)
     return result
@@ -161,10 +149,10 @@ def table(results: list[dict]) -> str:
     for r in results:
         ev = r["eval"]
         cells = [r["head"]]
-        cells += [f"{ev['per_task'][t]['success']:.0%}" for t in tasks]
+        cells += [f"{ev['per_task'][t]['success_rate']:.0%}" for t in tasks]
         cells += [f"**{ev['mean_success']:.1%}**", f"{r['final_loss']:.4f}", f"{r.get('params_m', float('nan')):.2f}",
-                  f"{r['steps_per_s']:.2f}", f"{r['latency']['ms_per_chunk']:.1f}",
-                  f"{r['latency']['ms_per_action']:.2f}"]
+                  f"{r['steps_per_s']:.2f}", f"{ev['timing']['ms_per_policy_call']:.1f}",
+                  f"{ev['timing']['ms_per_action']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -181,7 +169,7 @@ def chart(results: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(x)), 4))
     for i, r in enumerate(results):
         ev = r["eval"]
-        vals = [ev["per_task"][t]["success"] for t in tasks] + [ev["mean_success"]]
+        vals = [ev["per_task"][t]["success_rate"] for t in tasks] + [ev["mean_success"]]
         ax.bar(x + (i - (len(results) - 1) / 2) * width, vals, width, label=r["head"])
     ax.set_xticks(x, [t.replace("-v3", "") for t in tasks] + ["MEAN"], rotation=35, ha="right")
     ax.set_ylabel("success on unseen layouts")

@@ -46,7 +46,7 @@ def plot(workdir: Path, metrics: list[dict], results: dict) -> Path:
     left.set_ylabel(f"training loss ({FLAGS.head} head)")
     left.set_yscale("log")
     tasks = list(results["per_task"])
-    right.bar(range(len(tasks)), [results["per_task"][t]["success"] for t in tasks])
+    right.bar(range(len(tasks)), [results["per_task"][t]["success_rate"] for t in tasks])
     right.axhline(results["mean_success"], color="k", ls="--", lw=1, label=f"mean {results['mean_success']:.0%}")
     right.set_xticks(range(len(tasks)), [t.replace("-v3", "") for t in tasks], rotation=30, ha="right")
     right.set_ylim(0, 1.05)
@@ -80,15 +80,15 @@ def main(argv):
     train(cfg)
     t_train = time.time() - t0
     results = evaluate(str(workdir), tasks=FLAGS.tasks, episodes_per_task=FLAGS.eval_episodes, seed=0,
-                       num_workers=2, out=str(workdir / "eval.json"))
+                       num_workers=2, results_path=str(workdir / "eval.json"))
     metrics = read_metrics(workdir)
 
     print(f"\n{'task':28s} success")
     for task, r in results["per_task"].items():
-        print(f"{task:28s} {r['success']:6.0%}")
+        print(f"{task:28s} {r['success_rate']:6.0%}")
     print(f"{'mean':28s} {results['mean_success']:6.1%}")
     print(f"\nfinal loss {metrics[-1]['loss']:.4f} after {metrics[-1]['step']} steps; "
-          f"train+data {t_train / 60:.1f} min, evaluation {results['wall_seconds'] / 60:.1f} min")
+          f"train+data {t_train / 60:.1f} min, evaluation {results['timing']['wall_s'] / 60:.1f} min")
     print(f"plot: {plot(workdir, metrics, results)}; results: {workdir / 'eval.json'}")
     (workdir / "demo_summary.json").write_text(json.dumps(
         {"mean_success": results["mean_success"], "final_loss": metrics[-1]["loss"], "train_minutes": t_train / 60},
