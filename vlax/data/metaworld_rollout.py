@@ -121,7 +121,28 @@ def _render(camera_index: int) -> np.ndarray:
     return np.ascontiguousarray(frame[::-1, ::-1])
 
 
-def _encode(frame: np.ndarray, settings: RolloutSettings) -> bytes:
+def ensure_env(task: str, settings: RolloutSettings) -> tuple[Any, Any]:
+    """This process's ``(env, scripted_expert)`` for ``task``, built on first use and reused while the task and
+    settings stay the same (the previous environment is closed first). Pick a layout with ``env.seed(k)``."""
+    if _current.get("task") != task or _current.get("settings") != settings:
+        _close_current()
+        _make_env(task, settings)
+    return _current["env"], _current["policy"]
+
+
+def close_env() -> None:
+    """Closes this process's environment; register it with ``atexit`` in workers (a GL context still open when the
+    interpreter tears down its modules fails noisily)."""
+    _close_current()
+
+
+def render_upright(camera_index: int = 0) -> np.ndarray:
+    """``uint8 [S, S, 3]`` upright frame of ``settings.cameras[camera_index]`` from the :func:`ensure_env` env."""
+    return _render(camera_index)
+
+
+def encode_frame(frame: np.ndarray, settings: RolloutSettings) -> bytes:
+    """A frame as stored in the dataset (JPEG or PNG bytes per ``settings``)."""
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -147,10 +168,7 @@ def record_episode(task: str, layout_seed: int, settings: RolloutSettings) -> di
             f"layout seed {layout_seed} is in the evaluation range (>= {metaworld_tasks.EVAL_LAYOUT_SEED_START}); "
             "training data must use seeds below it"
         )
-    if _current.get("task") != task or _current.get("settings") != settings:
-        _close_current()
-        _make_env(task, settings)
-    env, policy = _current["env"], _current["policy"]
+    env, policy = ensure_env(task, settings)
     env.seed(layout_seed)
     obs, _ = env.reset()
     max_steps = min(settings.max_steps, env.max_path_length)
@@ -166,7 +184,7 @@ def record_episode(task: str, layout_seed: int, settings: RolloutSettings) -> di
                     "a GL context was lost. Use one environment per process and close + delete + gc.collect() an "
                     "environment before building the next one."
                 )
-            images[camera].append(_encode(frame, settings))
+            images[camera].append(encode_frame(frame, settings))
         states.append(obs[:STATE_DIM].copy())
         privileged.append(obs.copy())
         with warnings.catch_warnings():

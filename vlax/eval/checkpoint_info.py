@@ -1,0 +1,118 @@
+"""What an evaluation needs to know about a checkpoint, read from its JSON items without loading any weights.
+
+A checkpoint is self-describing (config, normalization artifact, tokenizer), so the evaluator takes the camera,
+render size, policy image size, state/action dims and trained tasks from it instead of asking for them again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from vlax.data import metaworld_rollout, metaworld_tasks
+
+REQUIRED_ITEMS = ("config", "normalization", "tokenizer")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint lacks something the evaluator needs, or does not fit the requested evaluation."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """Facts about one checkpoint step that shape the evaluation.
+
+    Attributes:
+      directory: the checkpoints directory (``<workdir>/checkpoints`` or the path given).
+      step: the checkpoint step evaluated (the newest one unless asked otherwise).
+      config: the fully resolved training config (a plain dict).
+      settings: how the environment renders, as the training data was recorded (camera, size, encoding, pose).
+      policy_image_size: the size the policy sees (frames are resized to it like the training pipeline did).
+      state_dim / action_dim: real (unpadded) dims from the normalization artifact.
+      horizon: actions per predicted chunk ``H``.
+      trained_tasks: the Meta-World tasks of the training data.
+    """
+
+    directory: str
+    step: int
+    config: dict
+    settings: metaworld_rollout.RolloutSettings
+    policy_image_size: int
+    state_dim: int
+    action_dim: int
+    horizon: int
+    trained_tasks: tuple[str, ...]
+
+
+def checkpoints_directory(path: str | os.PathLike) -> Path:
+    """``<workdir>/checkpoints`` when ``path`` is a training workdir, else ``path`` itself (as PolicyRunner does)."""
+    path = Path(path)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def _steps(directory: Path) -> list[int]:
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _read_item(step_dir: Path, name: str) -> Any:
+    """One JSON item of an orbax step directory (orbax's JsonSave writes ``<item>/metadata``)."""
+    item = step_dir / name
+    files = [item / "metadata"] if (item / "metadata").is_file() else sorted(item.glob("*.json"))
+    if not item.is_dir() or not files:
+        raise CheckpointError(
+            f"checkpoint {step_dir} has no {name!r} item (it has {sorted(p.name for p in step_dir.iterdir())}); "
+            f"an evaluable checkpoint carries {list(REQUIRED_ITEMS)}: save it with the training loop of "
+            "experiments/train.py, which writes them next to the weights"
+        )
+    with open(files[0]) as f:
+        return json.load(f)
+
+
+def read_checkpoint_info(path: str | os.PathLike, *, step: int | None = None) -> CheckpointInfo:
+    """Reads and checks the JSON items of a checkpoint (no weights are loaded).
+
+    Raises:
+      CheckpointError: the path holds no checkpoint, a required item (config / normalization / tokenizer) is
+        missing, or the config does not describe a Meta-World policy.
+    """
+    if not Path(path).exists():
+        raise CheckpointError(f"checkpoint path {str(path)!r} does not exist; pass a training workdir (holding "
+                              "checkpoints/<step>/) or its checkpoints directory, or 'expert'")
+    directory = checkpoints_directory(path)
+    steps = _steps(directory)
+    if not steps:
+        raise CheckpointError(f"no checkpoint steps under {str(directory)!r}; expected <step>/ directories written "
+                              "by the training loop (experiments/train.py)")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"checkpoint step {step} is not in {str(directory)!r}; steps there: {steps}")
+    step_dir = directory / str(step)
+    if not (step_dir / "state").is_dir():
+        raise CheckpointError(f"checkpoint {step_dir} has no 'state' item (the weights)")
+    config, normalization, _ = (_read_item(step_dir, name) for name in REQUIRED_ITEMS)
+    data, model = config.get("data", {}), config.get("model", {})
+    missing = [k for k in ("camera", "image_size", "action_horizon", "tasks") if k not in data]
+    if missing:
+        raise CheckpointError(f"the config of {step_dir} lacks data.{missing}; it was not trained on a Meta-World "
+                              "dataset by experiments/train.py")
+    # experiments/train.py records its dataset with the generator's defaults apart from the size and camera.
+    settings = metaworld_rollout.RolloutSettings(image_size=int(data.get("generate_image_size", 128)),
+                                                 cameras=(data["camera"],))
+    stats = normalization.get("stats", {})
+    dims = {k: len(stats[k]["mean"]) for k in ("state", "action") if k in stats}
+    if dims.get("action") != metaworld_rollout.ACTION_DIM:
+        raise CheckpointError(f"the normalization artifact of {step_dir} has action dim {dims.get('action')}; "
+                              f"Meta-World takes {metaworld_rollout.ACTION_DIM}")
+    state_dim = dims.get("state", 0)
+    if state_dim not in (0, metaworld_rollout.STATE_DIM):
+        raise CheckpointError(f"the normalization artifact of {step_dir} has state dim {state_dim}; the Meta-World "
+                              f"dataset's state has {metaworld_rollout.STATE_DIM} (hand xyz + gripper)")
+    return CheckpointInfo(
+        directory=str(directory), step=step, config=config, settings=settings,
+        policy_image_size=int(data["image_size"]), state_dim=state_dim, action_dim=dims["action"],
+        horizon=int(data["action_horizon"]), trained_tasks=metaworld_tasks.resolve_tasks(data["tasks"]),
+    )

@@ -1,0 +1,102 @@
+"""Open-loop action error on held-out data: a quick training signal that needs no simulator.
+
+The policy predicts a chunk from each batch's observation; the error against the recorded chunk is measured in the
+un-normalized action space (what a robot executes) over the entries the batch's ``action_mask`` marks real, so
+padding past an episode's end and padded action dims never count.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from vlax.policy import PolicySpec
+from vlax.tokenizers import Tokenizer
+from vlax.train.batch import model_batch
+
+SampleFn = Callable[[dict, jax.Array], Any]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sample(graphdef: nnx.GraphDef, state: Any, obs: dict, key: jax.Array) -> jax.Array:
+    # graphdef is static (hashable), so repeated calls from a training loop reuse one compilation.
+    return nnx.merge(graphdef, state).sample(obs, rngs=key)
+
+
+def _sampler(policy: Any) -> SampleFn:
+    if isinstance(policy, nnx.Module):
+        graphdef, state = nnx.split(policy)
+        return lambda obs, key: _sample(graphdef, state, obs, key)
+    if hasattr(policy, "_graphdef") and hasattr(policy, "_state"):  # a PolicyRunner
+        return lambda obs, key: _sample(policy._graphdef, policy._state, obs, key)
+    if callable(policy):
+        return policy
+    raise TypeError(f"policy is a {type(policy).__name__}; pass a PolicyRunner, a VLA (nnx.Module) or a function "
+                    "(obs, key) -> normalized actions [B, H, A]")
+
+
+def open_loop_metrics(
+    policy: Any,
+    batches: Iterable[dict],
+    num_batches: int,
+    *,
+    spec: PolicySpec | None = None,
+    tokenizer: Tokenizer | None = None,
+    artifact: Any = None,
+    rng: jax.Array | None = None,
+) -> dict[str, float]:
+    """Masked action MSE and L1 of ``policy``'s predicted chunks on up to ``num_batches`` pipeline batches.
+
+    Args:
+      policy: a :class:`vlax.inference.PolicyRunner` (its spec, tokenizer and normalization are used), a
+        :class:`vlax.policy.VLA`, or a function ``(obs, key) -> normalized actions [B, H, A]``.
+      batches: pipeline batches (``vlax.data`` schema: normalized ``action [B, W, H, A]`` or ``[B, H, A]``,
+        ``action_mask`` alike, ``observation``, ``task/language_instruction``); use held-out episodes without
+        augmentation (``DataConfig(train=False)``).
+      num_batches: how many batches to read (fewer if the iterator ends first).
+      spec / tokenizer / artifact: required unless ``policy`` is a PolicyRunner (then taken from it).
+      rng: key for stochastic heads (default ``key(0)``); batch ``i`` uses ``fold_in(rng, i)``.
+
+    Returns:
+      ``{"action_mse", "action_l1", "num_batches", "num_values"}``: means over every real action entry
+      (``sum(mask * err) / sum(mask)`` pooled over the batches), in un-normalized units.
+    """
+    if hasattr(policy, "spec") and hasattr(policy, "artifact") and hasattr(policy, "tokenizer"):
+        spec = spec or policy.spec
+        tokenizer = tokenizer or policy.tokenizer
+        artifact = artifact or policy.artifact
+    missing = [name for name, v in (("spec", spec), ("tokenizer", tokenizer), ("artifact", artifact)) if v is None]
+    if missing:
+        raise ValueError(f"open_loop_metrics needs {missing} for a {type(policy).__name__}; pass them, or pass a "
+                         "PolicyRunner, which carries them")
+    if num_batches < 1:
+        raise ValueError(f"num_batches={num_batches}; use 1 or more")
+    sample = _sampler(policy)
+    rng = jax.random.key(0) if rng is None else rng
+    squared = absolute = count = 0.0
+    used = 0
+    for i, batch in enumerate(itertools.islice(batches, num_batches)):
+        inputs = model_batch(batch, spec, tokenizer)
+        predicted = np.asarray(sample(inputs["obs"], jax.random.fold_in(rng, i)), np.float32)
+        if predicted.shape != inputs["actions"].shape:
+            raise ValueError(f"policy predicted actions of shape {predicted.shape}; the batch holds "
+                             f"{inputs['actions'].shape} [B, H, A]")
+        predicted = artifact.unnormalize("action", predicted).astype(np.float64)
+        target = artifact.unnormalize("action", inputs["actions"]).astype(np.float64)
+        mask = inputs["action_mask"][..., :target.shape[-1]].astype(np.float64)
+        error = predicted - target
+        squared += float(np.sum(mask * error**2))
+        absolute += float(np.sum(mask * np.abs(error)))
+        count += float(np.sum(mask))
+        used += 1
+    if used == 0:
+        raise ValueError("the batch iterator yielded no batches")
+    if count == 0:
+        raise ValueError(f"all {used} batches have an all-False action_mask: nothing to compare")
+    return {"action_mse": squared / count, "action_l1": absolute / count, "num_batches": used,
+            "num_values": int(count)}

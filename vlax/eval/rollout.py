@@ -1,0 +1,279 @@
+"""One closed-loop Meta-World episode, run inside an evaluation worker process.
+
+A worker owns one environment at a time (built by the dataset generator's :func:`ensure_env`, so the camera, its
+pose, the render settings and the upright rotation are the recorded data's) and one policy, loaded once and jitted
+once for a batch of one. The policy is called only when it must act: once per chunk with receding-horizon
+execution, every step with temporal ensembling; the camera is rendered only for those calls (and for video).
+
+Nothing here imports JAX at module level: a worker sets its thread and GL environment first. TensorFlow is never
+imported: it segfaults in a process that renders with Mesa's EGL (measured with tensorflow-cpu 2.21, mujoco 3.3.0,
+either import order), so frames are resized with JAX's equivalent of the pipeline's resize.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import hashlib
+import os
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+from vlax.data import metaworld_rollout
+from vlax.data.metaworld_rollout import RolloutSettings
+
+EXPERT = "expert"
+EXECUTIONS = ("receding", "ensemble")
+
+# Set in every worker before anything is imported: one XLA thread so that N workers use N cores, no GPU memory
+# preallocation (several workers may share one accelerator).
+WORKER_ENVIRONMENT = {
+    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+    "OMP_NUM_THREADS": "1",
+    "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+}
+
+
+def worker_environment(gl_backend: str) -> dict[str, str]:
+    """Environment variables of an evaluation worker (thread limits and the headless GL backend)."""
+    return {**WORKER_ENVIRONMENT, "MUJOCO_GL": gl_backend, "PYOPENGL_PLATFORM": gl_backend}
+
+
+def init_worker(environment: dict[str, str]) -> None:
+    """Pool initializer (the variables are also in the spawned process's environment from its start)."""
+    os.environ.update(environment)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeJob:
+    """Everything one episode depends on; equal jobs give equal episodes in any worker.
+
+    ``task_index`` (the task's position in ``MT50_TASKS``) and ``episode`` pick the policy's random stream, so
+    stochastic heads draw the same noise however episodes are spread over workers.
+    """
+
+    policy: str
+    checkpoint_step: int | None
+    task: str
+    task_index: int
+    episode: int
+    layout_seed: int
+    seed: int
+    instruction: str
+    settings: RolloutSettings
+    execution: str
+    replan_every: int
+    ensemble_k: float
+    max_steps: int | None
+    video_path: str | None = None
+    video_fps: int = 30
+
+
+class _ExpertActor:
+    """Meta-World's scripted expert as a policy with chunks of one action (it reads the simulator state)."""
+
+    horizon = 1
+    compiles = False
+
+    def __init__(self):
+        self.expert, self.calls = None, 0
+
+    def act(self, frame: np.ndarray, sim_obs: np.ndarray, instruction: str, key: Any) -> np.ndarray:
+        del frame, instruction, key
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the experts warn that their gains exceed [-1, 1]
+            # Some experts edit the observation they are given in place.
+            action = self.expert.get_action(sim_obs.copy())
+        return np.clip(action, -1.0, 1.0).astype(np.float32)[None]
+
+
+class _CheckpointActor:
+    """A trained policy, fed frames the way its training data reached it (without TensorFlow, see below)."""
+
+    compiles = True  # its first call traces and compiles
+
+    def __init__(self, path: str, step: int | None, settings: RolloutSettings):
+        import jax
+
+        from vlax.inference import PolicyRunner
+
+        self.calls = 0
+        self.runner = PolicyRunner.from_checkpoint(path, step=step)
+        spec, artifact = self.runner.spec, self.runner.artifact
+        self.horizon = int(spec.horizon)
+        self.settings = settings
+        self.state_dim = artifact.dim("state") if "state" in artifact.stats else 0
+        self.camera = settings.cameras[0]
+        size = spec.image_size
+        self._resize = jax.jit(lambda frame: resize_like_pipeline(frame, (size, size)))
+        self._tokens: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _image(self, frame: np.ndarray) -> np.ndarray:
+        """``uint8 [S, S, 3]`` render -> ``uint8 [1, s, s, 3]``: compressed as the dataset stored it, then resized
+        like the training pipeline."""
+        if self.settings.image_encoding == "jpeg":
+            import io
+
+            from PIL import Image
+
+            encoded = metaworld_rollout.encode_frame(frame, self.settings)
+            frame = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
+        return np.asarray(self._resize(frame))[None]
+
+    def act(self, frame: np.ndarray, sim_obs: np.ndarray, instruction: str, key: Any) -> np.ndarray:
+        # PolicyRunner.prepare resizes with TensorFlow, which crashes in a process that renders with Mesa EGL
+        # (both bring their own LLVM): the inputs are built here from the runner's own spec, normalization and
+        # tokenizer instead, and its jitted sampler is called directly.
+        from vlax.tokenizers import encode_batch
+
+        runner, spec = self.runner, self.runner.spec
+        if instruction not in self._tokens:
+            self._tokens[instruction] = encode_batch(runner.tokenizer, [instruction], spec.max_text_len)
+        ids, mask = self._tokens[instruction]
+        state = sim_obs[None, :self.state_dim].astype(np.float32)
+        if self.state_dim:
+            state = runner.artifact.normalize("state", state)
+        state = np.pad(state, ((0, 0), (0, spec.state_dim - state.shape[-1]))).astype(np.float32)
+        obs = {"images": {self.camera: self._image(frame)}, "state": state, "text_ids": ids, "text_mask": mask}
+        normalized = np.asarray(runner._sample(runner._state, obs, key))
+        chunk = runner.artifact.unnormalize("action", normalized)[0]  # [H, A]
+        return np.clip(chunk.astype(np.float32), -1.0, 1.0)
+
+
+def resize_like_pipeline(frame: Any, size: tuple[int, int]) -> Any:
+    """``uint8 [h, w, 3]`` -> ``uint8 [H, W, 3]``: antialiased bilinear, rounded, as the training pipeline's
+    ``tf.image.resize(..., "bilinear", antialias=True)`` (same kernel; equal up to float rounding)."""
+    import jax
+    import jax.numpy as jnp
+
+    if tuple(frame.shape[:2]) == tuple(size):
+        return frame
+    resized = jax.image.resize(jnp.asarray(frame, jnp.float32), (*size, frame.shape[-1]), method="bilinear",
+                               antialias=True)
+    return jnp.clip(jnp.round(resized), 0, 255).astype(jnp.uint8)
+
+
+# Per process: the loaded policy (kept across episodes and tasks) and the jitted ensembling update.
+_worker: dict[str, Any] = {}
+
+
+def _actor(job: EpisodeJob, expert: Any):
+    if job.policy == EXPERT:
+        actor = _worker.setdefault("expert", _ExpertActor())
+        actor.expert = expert
+        return actor
+    key = (job.policy, job.checkpoint_step)
+    if _worker.get("checkpoint_key") != key:
+        _worker["checkpoint"] = _CheckpointActor(job.policy, job.checkpoint_step, job.settings)
+        _worker["checkpoint_key"] = key
+    return _worker["checkpoint"]
+
+
+def _ensembler(horizon: int, coeff: float):
+    import jax
+
+    from vlax.heads.execution import TemporalEnsembler
+
+    key = (horizon, coeff)
+    if key not in _worker.setdefault("ensemblers", {}):
+        ensembler = TemporalEnsembler(horizon, coeff)
+        _worker["ensemblers"][key] = (ensembler, jax.jit(ensembler.update))
+    return _worker["ensemblers"][key]
+
+
+def _frame(task: str, layout_seed: int, step: int) -> np.ndarray:
+    frame = metaworld_rollout.render_upright(0)
+    if int(frame.max()) <= metaworld_rollout.BLACK_FRAME_MAX_VALUE:
+        raise metaworld_rollout.BlackFrameError(
+            f"All-black frame (task {task}, layout seed {layout_seed}, step {step}): a GL context was lost. Use one "
+            "environment per process and close + delete + gc.collect() an environment before building the next one."
+        )
+    return frame
+
+
+def run_episode(job: EpisodeJob) -> dict[str, Any]:
+    """Runs one episode; success if any step reports it (the episode stops there), at most the env's step limit.
+
+    Returns:
+      The episode record of the results schema (see :mod:`vlax.eval.metaworld`), plus ``compile_s`` when this
+      episode made the worker's first (compiling) policy call.
+    """
+    import jax
+
+    from vlax.heads.execution import ActionQueue
+
+    started = time.perf_counter()
+    env, expert = metaworld_rollout.ensure_env(job.task, job.settings)
+    actor = _actor(job, expert)
+    if job.execution == "receding" and job.replan_every > actor.horizon:
+        raise ValueError(f"replan_every={job.replan_every} exceeds the policy's chunk of {actor.horizon} actions")
+    env.seed(job.layout_seed)
+    obs, _ = env.reset()
+    limit = env.max_path_length if job.max_steps is None else min(job.max_steps, env.max_path_length)
+    episode_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(job.seed), job.task_index), job.episode)
+    queue = ActionQueue(job.replan_every) if job.execution == "receding" else None
+    if queue is None:
+        ensembler, update = _ensembler(actor.horizon, job.ensemble_k)
+        ensemble_state = ensembler.init(1, metaworld_rollout.ACTION_DIM)
+    frames, actions = [], []
+    calls, policy_s, compile_s, episode_return, first_success = 0, 0.0, None, 0.0, -1
+    for t in range(limit):
+        must_act = queue is None or len(queue) == 0
+        frame = _frame(job.task, job.layout_seed, t) if must_act or job.video_path else None
+        if job.video_path:
+            frames.append(frame)
+        if must_act:
+            call_started = time.perf_counter()
+            chunk = actor.act(frame, obs, job.instruction, jax.random.fold_in(episode_key, calls))
+            elapsed = time.perf_counter() - call_started
+            if actor.compiles and actor.calls == 0:
+                compile_s = elapsed  # kept out of the inference time
+            else:
+                policy_s += elapsed
+            calls += 1
+            actor.calls += 1
+        if queue is not None:
+            if must_act:
+                queue.push(chunk[None])
+            action = np.asarray(queue.pop()[0], np.float32)
+        else:
+            action, ensemble_state = update(ensemble_state, chunk[None])
+            action = np.asarray(action[0], np.float32)
+        actions.append(action)
+        obs, reward, _, truncated, info = env.step(action)
+        episode_return += float(reward)
+        if info["success"]:
+            first_success = t
+            break
+        if truncated:
+            break
+    if not _worker.get("close_at_exit"):
+        # After the first render mujoco has registered its display teardown; hooks run last-in first-out, so the
+        # environment's GL context is freed before the display goes.
+        atexit.register(metaworld_rollout.close_env)
+        _worker["close_at_exit"] = True
+    if job.video_path:
+        from vlax.eval.video import write_video
+
+        write_video(job.video_path, frames, fps=job.video_fps)
+    actions = np.asarray(actions, np.float32)
+    return {
+        "task": job.task,
+        "episode": job.episode,
+        "layout_seed": job.layout_seed,
+        "instruction": job.instruction,
+        "success": first_success >= 0,
+        "first_success_step": first_success,
+        "steps": len(actions),
+        "return": episode_return,
+        "policy_calls": calls,
+        "actions_sha1": hashlib.sha1(actions.tobytes()).hexdigest(),
+        "video": job.video_path,
+        "wall_s": time.perf_counter() - started,
+        "policy_s": policy_s,
+        "compile_s": compile_s,
+        "worker_pid": os.getpid(),
+    }
