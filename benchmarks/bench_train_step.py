@@ -43,11 +43,18 @@ def loss_fn(model, batch, rng):
     return model.loss(batch["obs"], batch["actions"], action_mask=batch["action_mask"], rngs=rng)
 
 
-def measure(variant: str, head: str, batch: int, dtype: str | None, peaks: dict) -> dict:
+def measure(variant: str, head: str, batch: int, dtype: str | None, peaks: dict, attention: str = "",
+            remat: str = "") -> dict:
     cfg = get_config(variant)
     cfg.model.head = head
     if dtype:
         cfg.model.dtype = dtype
+    if attention:
+        cfg.model.backbone_overrides.attention_impl = attention
+        if cfg.model.encoder != "conv_stem":
+            cfg.model.encoder_kwargs.attn_implementation = attention
+    if remat:
+        cfg.model.backbone_overrides.remat = remat
     if head.startswith("flow"):
         cfg.model.state_input = "head"
     spec = PolicySpec(cameras=(cfg.data.camera,), image_size=cfg.data.image_size, state_dim=cfg.model.state_dim,
@@ -83,6 +90,8 @@ def main() -> None:
     p.add_argument("--heads", default="binned,binned_lm,chunk,flow,diffusion")
     p.add_argument("--batch", type=int, default=0, help="0: 64 for tiny; small: 128 on GPU, 4 on CPU")
     p.add_argument("--dtype", default="", help="override the config's compute dtype")
+    p.add_argument("--attention", default="", help="attention implementation of encoder and backbone: xla|cudnn")
+    p.add_argument("--remat", default="", help="backbone remat policy override (e.g. none, dots, full)")
     args = p.parse_args()
     peaks: dict = {}
     print(f"device {device_name()}")
@@ -91,7 +100,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         for head in args.heads.split(","):
             batch = args.batch or (64 if variant == "tiny" else (128 if gpu else 4))
-            r = measure(variant, head, batch, args.dtype or None, peaks)
+            r = measure(variant, head, batch, args.dtype or None, peaks, args.attention, args.remat)
             print(f"{r['variant']:8s} {r['head']:10s} {r['batch']:5d} {r['dtype']:9s} {r['params'] / 1e6:7.1f}M "
                   f"{r['gflop']:10.1f} {r['step_ms']:8.1f} {r['examples_s']:8.1f} {r['util']:6.1%}", flush=True)
     print("peaks (measured matmul FLOP/s): " + ", ".join(f"{k} {v / 1e12:.2f} T" for k, v in peaks.items()))

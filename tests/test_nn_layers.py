@@ -196,3 +196,18 @@ def test_scan_equals_python_loop_and_remat_changes_nothing():
     np.testing.assert_allclose(np.asarray(rematted), np.asarray(scanned), atol=TOL)
     with pytest.raises(ValueError, match="unknown remat policy 'some'; known"):
         vn.scan_layers(stacked, body, x, remat="some")
+
+
+def test_cudnn_block_padding_leaves_attention_unchanged():
+    """The padding that makes any sequence length acceptable to cuDNN's kernel (checked here with the XLA kernel,
+    which CI has) changes nothing: padded keys are masked, padded queries are dropped."""
+    from vlax.nn.attention import _cudnn_padded, dot_product_attention
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (2, 13, 4, 8))
+    k, v = (jax.random.normal(kk, (2, 21, 2, 8)) for kk in keys[1:3])
+    mask = jax.random.bernoulli(keys[3], 0.7, (2, 13, 21)).at[:, :, 0].set(True)
+    ref = dot_product_attention(q, k, v, mask, implementation="xla")
+    got = _cudnn_padded(q, k, v, mask, 8 ** -0.5, implementation="xla")
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=1e-6)

@@ -32,10 +32,13 @@ class PatchTokens(nnx.Module):
         return self.vit(normalize(images, self.mean, self.std)).tokens
 
 
-def _encoder(name: str, kwargs: Mapping[str, Any], image_size: int, rngs: nnx.Rngs) -> tuple[nnx.Module, int]:
+def _encoder(name: str, kwargs: Mapping[str, Any], image_size: int, rngs: nnx.Rngs,
+             dtype: Any = None) -> tuple[nnx.Module, int]:
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
     kwargs = dict(kwargs)
+    if dtype is not None:  # the policy's compute dtype, unless the encoder's own kwargs choose another
+        kwargs.setdefault("dtype", dtype if name == "conv_stem" else jnp.dtype(dtype).name)
     if name == "conv_stem":
         encoder = get_encoder(name, image_size=image_size, rngs=rngs, **kwargs)
         return encoder, encoder.width
@@ -79,7 +82,8 @@ def build_policy(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: in
     if dtype is not None:
         overrides["dtype"] = dtype
     backbone = Transformer(get_config(model["backbone"], **overrides), rngs=rngs)
-    encoder, encoder_width = _encoder(model["encoder"], model.get("encoder_kwargs", {}), spec.image_size, rngs)
+    encoder, encoder_width = _encoder(model["encoder"], model.get("encoder_kwargs", {}), spec.image_size, rngs,
+                                      dtype)
     # Per-head sizes a config scales to its backbone, then explicit overrides for the chosen head.
     head_kwargs = {**dict(model.get("head_defaults", {}).get(head_name, {})), **dict(model.get("head_kwargs", {}))}
     if spec.state_input == "head":

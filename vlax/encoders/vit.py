@@ -239,8 +239,10 @@ class MAPHead(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         d, dt, pdt = cfg.width, _dtype(cfg.dtype), _dtype(cfg.param_dtype)
         self.probe = param(rngs, nnx.initializers.xavier_uniform(), (1, d), (None, "embed"), pdt)
+        # One query: cuDNN's fused kernel rejects a length-1 Q, and there is nothing for it to fuse anyway.
+        impl = None if cfg.attn_implementation == "cudnn" else cfg.attn_implementation
         self.attention = Attention(d, cfg.num_heads, use_bias=True, out_bias=True,
-                                   implementation=cfg.attn_implementation, dtype=dt, param_dtype=pdt, rngs=rngs)
+                                   implementation=impl, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.layernorm = LayerNorm(d, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
         self.mlp = Mlp(d, cfg.mlp_dim, act=cfg.act, dtype=dt, param_dtype=pdt, rngs=rngs)
 

@@ -35,6 +35,8 @@ def dot_product_attention(
     if num_heads % num_kv:
         raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({num_kv})")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if softcap is None and implementation == "cudnn" and (q.shape[1] % CUDNN_BLOCK or k.shape[1] % CUDNN_BLOCK):
+        return _cudnn_padded(q, k, v, mask, scale)
     if softcap is None and implementation != "einsum":
         m = None if mask is None else mask[:, None, :, :]
         return jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale, implementation=implementation)
@@ -48,6 +50,26 @@ def dot_product_attention(
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return rearrange(out, "b t k g d -> b t (k g) d")
+
+
+# cuDNN's fused backward kernel takes sequence lengths in multiples of this only (e.g. 213 prefix tokens fail).
+CUDNN_BLOCK = 64
+
+
+def _cudnn_padded(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
+                  implementation: Implementation = "cudnn") -> jax.Array:
+    """cuDNN attention on sequences padded to multiples of :data:`CUDNN_BLOCK`: padded keys are masked out,
+    padded queries see every real key (finite rows) and are dropped, so the result equals the unpadded one."""
+    t, s = q.shape[1], k.shape[1]
+    pt, ps = -t % CUDNN_BLOCK, -s % CUDNN_BLOCK
+    if mask is None:
+        mask = jnp.ones((q.shape[0], t, s), bool)
+    mask = jnp.pad(jnp.asarray(mask, bool), ((0, 0), (0, 0), (0, ps)))
+    mask = jnp.concatenate([mask, jnp.broadcast_to(jnp.arange(s + ps) < s, (q.shape[0], pt, s + ps))], axis=1)
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))  # noqa: E731
+    out = jax.nn.dot_product_attention(pad(q, pt), pad(k, ps), pad(v, ps), mask=mask[:, None], scale=scale,
+                                       implementation=implementation)
+    return out[:, :t]
 
 
 class Attention(nnx.Module):
