@@ -113,6 +113,17 @@ def test_context_width_mismatch_names_both():
         head.sample(ctx, rngs=nnx.Rngs(0))
 
 
+def test_a_missing_or_misshaped_state_names_the_expected_shape():
+    head = get_head("flow", action_dim=3, horizon=4, context=SPEC, state_dim=5, **SMALL["flow"])
+    k = jnp.zeros((2, 1, 5, 1, 8))
+    cache = vn.KVCache.from_prefix(k, k, jnp.ones((1, 5), bool))
+    ctx = vn.HeadContext(tokens=jnp.zeros((1, 5, 16)), mask=jnp.ones((1, 5), bool), cache=cache)
+    with pytest.raises(ValueError, match=r"ctx.state must be \[B, 5\], got None"):
+        head.sample(ctx, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"ctx.state must be \[B, 5\], got \(1, 4\)"):
+        head.sample(ctx.replace(state=jnp.zeros((1, 4))), rngs=nnx.Rngs(0))
+
+
 def test_bins_that_do_not_fit_the_vocabulary_are_refused_at_construction():
     with pytest.raises(ValueError, match=r"n_bins=65 action tokens do not fit a vocabulary of 64 ids"):
         get_head("binned_lm", action_dim=3, horizon=4, context=SPEC, n_bins=65)

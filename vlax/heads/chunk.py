@@ -112,12 +112,6 @@ class ChunkHead(ActionHead):
             self.vae_out = Dense(width, 2 * self.latent_dim, axes=("embed", None), rngs=rngs)
             self.latent_proj = Dense(self.latent_dim, width, axes=(None, "embed"), rngs=rngs)
 
-    def _state(self, ctx: HeadContext) -> jax.Array:
-        if ctx.state is None or ctx.state.shape[-1] != self.state_dim:
-            got = None if ctx.state is None else tuple(ctx.state.shape)
-            raise ValueError(f"this head embeds the state: ctx.state must be [B, {self.state_dim}], got {got}")
-        return ctx.state
-
     def predict(self, ctx: HeadContext, latent: jax.Array | None = None, *, key: jax.Array | None = None,
                 train: bool = False) -> jax.Array:
         """Chunk ``[B, H, A]`` from the context (and ``latent [B, latent_dim]`` with the CVAE; zeros if ``None``)."""
@@ -125,7 +119,7 @@ class ChunkHead(ActionHead):
         b = ctx.batch_size
         memory, memory_mask = [self.context_proj(ctx.tokens)], [ctx.mask.astype(bool)]
         if self.state_proj is not None:
-            memory.insert(0, self.state_proj(self._state(ctx))[:, None])
+            memory.insert(0, self.state_proj(self.require_state(ctx, self.state_dim))[:, None])
             memory_mask.insert(0, jnp.ones((b, 1), bool))
         if self.cvae:
             latent = jnp.zeros((b, self.latent_dim), memory[-1].dtype) if latent is None else latent
@@ -146,7 +140,7 @@ class ChunkHead(ActionHead):
         tokens = [jnp.broadcast_to(self.vae_cls[...], (b, 1, self.vae_cls.shape[-1]))]
         mask = [jnp.ones((b, 1), bool)]
         if self.vae_state_proj is not None:
-            tokens.append(self.vae_state_proj(self._state(ctx))[:, None])
+            tokens.append(self.vae_state_proj(self.require_state(ctx, self.state_dim))[:, None])
             mask.append(jnp.ones((b, 1), bool))
         tokens.append(self.vae_action_proj(actions))
         mask.append(step_mask.astype(bool))

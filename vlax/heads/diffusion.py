@@ -279,11 +279,7 @@ class DiffusionHead(ActionHead):
         else:
             cond = masked_mean_pool(ctx.tokens, ctx.mask)
         if self.state_dim:
-            if ctx.state is None or ctx.state.shape[-1] != self.state_dim:
-                got = None if ctx.state is None else tuple(ctx.state.shape)
-                raise ValueError(f"this head conditions on the state: ctx.state must be [B, {self.state_dim}], "
-                                 f"got {got}")
-            cond = jnp.concatenate([cond, ctx.state.astype(cond.dtype)], axis=-1)
+            cond = jnp.concatenate([cond, self.require_state(ctx, self.state_dim).astype(cond.dtype)], axis=-1)
         return cond
 
     def loss(self, ctx: HeadContext, actions: jax.Array, *, action_mask: jax.Array | None = None,

@@ -332,12 +332,7 @@ class FlowHead(ActionHead):
         return self.action_out_proj(out[:, -self.horizon:])
 
     def _state(self, ctx: HeadContext) -> jax.Array | None:
-        if self.state_proj is None:
-            return None
-        if ctx.state is None or ctx.state.shape[-1] != self.state_dim:
-            got = None if ctx.state is None else tuple(ctx.state.shape)
-            raise ValueError(f"this head embeds the state: ctx.state must be [B, {self.state_dim}], got {got}")
-        return ctx.state
+        return None if self.state_proj is None else self.require_state(ctx, self.state_dim)
 
     def loss(self, ctx: HeadContext, actions: jax.Array, *, action_mask: jax.Array | None = None,
              rngs: RngLike, train: bool = True, lm=None) -> tuple[jax.Array, dict]:

@@ -133,6 +133,13 @@ class ActionHead(nnx.Module):
         only), ``0`` when it reads the prefix cache without appending, ``n`` when it decodes ``n`` tokens."""
         return None
 
+    def require_state(self, ctx: HeadContext, state_dim: int) -> jax.Array:
+        """``ctx.state [B, state_dim]`` for heads that read the state; one error naming both shapes otherwise."""
+        if ctx.state is None or ctx.state.shape[-1] != state_dim:
+            got = None if ctx.state is None else tuple(ctx.state.shape)
+            raise ValueError(f"this head reads the state: ctx.state must be [B, {state_dim}], got {got}")
+        return ctx.state
+
     def check_context(self, ctx: HeadContext) -> None:
         if ctx.tokens.ndim != 3 or ctx.tokens.shape[-1] != self.context.width:
             raise ValueError(f"context tokens have shape {tuple(ctx.tokens.shape)}; this head expects "
