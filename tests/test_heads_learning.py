@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from test_heads_support import HeadPolicy, near_mode_fractions, sampler, train
+from test_heads_support import HeadPolicy, build, near_mode_fractions, sampler, train
 
 H, A, B, C = 4, 2, 32, 0.8
 PROMPT = jnp.ones((B, 3), jnp.int32)
@@ -25,14 +25,14 @@ PATTERN = jnp.asarray(np.linspace(1.0, 0.4, H), jnp.float32)[:, None] * jnp.asar
 SETUPS = {
     "binned": (dict(num_heads=2), 400),
     "binned_lm": ({}, 800, 1e-2),
-    "chunk": (dict(width=32, num_heads=4, mlp_dim=64, dropout=0.0), 400),
-    "chunk_cvae": (dict(width=32, num_heads=4, mlp_dim=64, encoder_depth=1, dropout=0.0), 400),
+    "chunk": (dict(width=32, num_heads=4, mlp_dim=64, dropout=0.0), 250),
+    "chunk_cvae": (dict(width=32, num_heads=4, mlp_dim=64, encoder_depth=1, dropout=0.0), 250),
     "flow": (dict(width=32), 1500),
     "flow_pi05": (dict(width=32), 800),
     "flow_smolvla": (dict(mlp_dim=64), 800),
     "diffusion": (dict(denoiser_kwargs=dict(hidden_dim=64, num_blocks=2)), 1500),
     "diffusion_unet": (dict(num_train_timesteps=20,
-                            denoiser_kwargs=dict(down_dims=(32, 64), step_embed_dim=16, n_groups=4)), 600),
+                            denoiser_kwargs=dict(down_dims=(32, 64), step_embed_dim=16, n_groups=4)), 400),
 }
 
 
@@ -64,8 +64,8 @@ def trained(name: str):
     if name not in _TRAINED:
         kwargs, steps, *lr = SETUPS[name]
         backbone = "lm" if name == "binned_lm" else "linear"
-        policy = HeadPolicy(name, action_dim=A, horizon=H, obs_dim=A + 1, head_kwargs=kwargs, backbone=backbone,
-                            rngs=nnx.Rngs(0))
+        policy = build(lambda: HeadPolicy(name, action_dim=A, horizon=H, obs_dim=A + 1, head_kwargs=kwargs,
+                                          backbone=backbone, rngs=nnx.Rngs(0)))
         task, loss = train(Task(policy), mixed_batch, steps, *lr)
         _TRAINED[name] = (sampler(task.policy), loss)
     return _TRAINED[name]

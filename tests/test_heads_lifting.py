@@ -26,18 +26,19 @@ from vlax.heads import combine_masks, to_linen
 
 B, H, A, P = 4, 4, 3, 3
 LM_KW = FrozenDict(vocab=300, width=32, depth=2, heads=4, kv_heads=1, head_dim=8)
-SPEC = TinyLM(**LM_KW, rngs=nnx.Rngs(0)).spec
+SPEC = TinyLM.spec_for(**LM_KW)
 
+# One Linen model per loss path (compiling a Linen train step costs seconds): both binned modes, the chunk head with
+# its CVAE encoder (which reads the actions), π0's expert with a state token and adaRMS time conditioning, SmolVLA's
+# self/cross expert, and the U-Net denoiser with attention pooling and the state. The remaining registry entries
+# differ from these only inside the network (every head also trains in plain NNX in test_heads_learning.py).
 HEAD_KWARGS = {
     "binned": dict(num_heads=2),
     "binned_lm": {},
-    "chunk": dict(width=32, num_heads=4, mlp_dim=64, dropout=0.1),
-    "chunk_cvae": dict(width=32, num_heads=4, mlp_dim=64, encoder_depth=1, state_dim=2),
-    "flow": dict(width=16, state_dim=2),
-    "flow_pi05": dict(width=16),
+    "chunk_cvae": dict(width=32, num_heads=4, mlp_dim=64, encoder_depth=1, state_dim=2, dropout=0.1),
+    "flow_pi05": dict(width=16, state_dim=2),
     "flow_smolvla": dict(mlp_dim=48),
-    "diffusion": dict(denoiser_kwargs=dict(hidden_dim=32, num_blocks=1), pool="map", num_heads=2),
-    "diffusion_unet": dict(num_train_timesteps=20, state_dim=2,
+    "diffusion_unet": dict(num_train_timesteps=20, state_dim=2, pool="map", num_heads=2,
                            denoiser_kwargs=dict(down_dims=(16, 32), step_embed_dim=8, n_groups=4)),
 }
 

@@ -127,6 +127,14 @@ class HeadPolicy(nnx.Module):
         return self.head.sample(self.context(prompt, obs), rngs=key, lm=self.lm)
 
 
+def build(factory):
+    """``factory()`` (an ``nnx.Module``) built inside one fast-compiled ``jit``: initialising parameters op by op
+    outside ``jit`` costs seconds per module on CPU, as every small initializer op compiles on its own."""
+    graphdef, _ = nnx.split(nnx.eval_shape(factory))
+    state = jax.jit(lambda: nnx.split(factory())[1], compiler_options=FAST_COMPILE)()
+    return nnx.merge(graphdef, state)
+
+
 def train(model: nnx.Module, batch_fn, steps: int, lr: float = 3e-3, seed: int = 0):
     """Adam on ``model.loss(*batch)`` with a jitted pure step; returns the trained model and the last loss."""
     opt = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.05))  # a decayed rate settles noisy fits
