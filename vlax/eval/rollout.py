@@ -38,8 +38,16 @@ WORKER_ENVIRONMENT = {
 
 
 def worker_environment(gl_backend: str) -> dict[str, str]:
-    """Environment variables of an evaluation worker (thread limits and the headless GL backend)."""
-    return {**WORKER_ENVIRONMENT, "MUJOCO_GL": gl_backend, "PYOPENGL_PLATFORM": gl_backend}
+    """Environment variables of an evaluation worker (thread limits and the headless GL backend).
+
+    A forced host device count in this process's ``XLA_FLAGS`` is kept: checkpoints restore onto the device layout
+    they were saved from, so workers see the same devices as the process that trained or evaluates.
+    """
+    environment = {**WORKER_ENVIRONMENT, "MUJOCO_GL": gl_backend, "PYOPENGL_PLATFORM": gl_backend}
+    forced = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_force_host_platform_device")]
+    # First: XLA stops reading flags at the bare ``intra_op_parallelism_threads=1`` token.
+    environment["XLA_FLAGS"] = " ".join([*forced, environment["XLA_FLAGS"]])
+    return environment
 
 
 def init_worker(environment: dict[str, str]) -> None:
@@ -123,10 +131,12 @@ class _CheckpointActor:
             frame = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
         return np.asarray(self._resize(frame))[None]
 
-    def act(self, frame: np.ndarray, sim_obs: np.ndarray, instruction: str, key: Any) -> np.ndarray:
-        # PolicyRunner.prepare resizes with TensorFlow, which crashes in a process that renders with Mesa EGL
-        # (both bring their own LLVM): the inputs are built here from the runner's own spec, normalization and
-        # tokenizer instead, and its jitted sampler is called directly.
+    def inputs(self, frame: np.ndarray, sim_obs: np.ndarray, instruction: str) -> dict:
+        """The model inputs :meth:`PolicyRunner.prepare` would build for this frame, state and instruction.
+
+        PolicyRunner.prepare resizes with TensorFlow, which crashes in a process that renders with Mesa EGL (both
+        bring their own LLVM), so the inputs are built here from the runner's own spec, normalization and tokenizer.
+        """
         from vlax.tokenizers import encode_batch
 
         runner, spec = self.runner, self.runner.spec
@@ -137,8 +147,11 @@ class _CheckpointActor:
         if self.state_dim:
             state = runner.artifact.normalize("state", state)
         state = np.pad(state, ((0, 0), (0, spec.state_dim - state.shape[-1]))).astype(np.float32)
-        obs = {"images": {self.camera: self._image(frame)}, "state": state, "text_ids": ids, "text_mask": mask}
-        normalized = np.asarray(runner._sample(runner._state, obs, key))
+        return {"images": {self.camera: self._image(frame)}, "state": state, "text_ids": ids, "text_mask": mask}
+
+    def act(self, frame: np.ndarray, sim_obs: np.ndarray, instruction: str, key: Any) -> np.ndarray:
+        runner = self.runner
+        normalized = np.asarray(runner._sample(runner._state, self.inputs(frame, sim_obs, instruction), key))
         chunk = runner.artifact.unnormalize("action", normalized)[0]  # [H, A]
         return np.clip(chunk.astype(np.float32), -1.0, 1.0)
 
