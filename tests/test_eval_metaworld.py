@@ -18,8 +18,8 @@ from vlax.inference import PolicyRunner
 
 @pytest.fixture(scope="module")
 def flow_policy(tiny_metaworld, tmp_path_factory):
-    """A flow-matching policy (its sampling noise makes worker-independence a real check), trained for 4 steps."""
-    c = tiny_config(tmp_path_factory.mktemp("eval_flow"), tiny_metaworld, steps=4, save_every=4)
+    """A flow-matching policy (its sampling noise makes worker-independence a real check), trained for 2 steps."""
+    c = tiny_config(tmp_path_factory.mktemp("eval_flow"), tiny_metaworld, steps=2, save_every=2)
     c.model.head = "flow"
     train(c)
     return c
@@ -27,9 +27,9 @@ def flow_policy(tiny_metaworld, tmp_path_factory):
 
 def test_expert_through_the_harness_reproduces_its_success(tmp_path):
     path = tmp_path / "expert.json"
-    results = evaluate("expert", "reach,push,pick-place", episodes_per_task=4, num_workers=2, progress=False,
+    results = evaluate("expert", "reach,push,pick-place", episodes_per_task=3, num_workers=2, progress=False,
                        results_path=str(path), video_dir=str(tmp_path / "videos"), video_episodes=1)
-    # Meta-World's experts succeed on >= 98 % of layouts of these tasks (50 measured layouts each).
+    # The scripted experts solve nearly every layout of these tasks (10/10 on the first ten evaluation layouts each).
     for task in ("reach", "push", "pick-place"):
         assert results["per_task"][task]["success_rate"] >= 0.9, results["per_task"][task]
     assert results == load_results(str(path))  # the file validates against the schema and round-trips
@@ -39,7 +39,7 @@ def test_expert_through_the_harness_reproduces_its_success(tmp_path):
     assert results["bucket_success"]["hard"] == pytest.approx(
         (results["per_task"]["push"]["success_rate"] + results["per_task"]["pick-place"]["success_rate"]) / 2)
     assert [(e["task"], e["episode"]) for e in results["episodes"]] == [
-        (t, j) for t in ("reach", "push", "pick-place") for j in range(4)]
+        (t, j) for t in ("reach", "push", "pick-place") for j in range(3)]
     seeds = [e["layout_seed"] for e in results["episodes"]]
     assert min(seeds) >= EVAL_LAYOUT_SEED_START and len(set(seeds)) == len(seeds)
     for e in results["episodes"]:
@@ -53,7 +53,8 @@ def test_expert_through_the_harness_reproduces_its_success(tmp_path):
 
 
 def test_policy_runs_both_execution_modes_and_ignores_worker_count(flow_policy):
-    common = dict(episodes_per_task=2, max_steps=12, progress=False, seed=3)
+    # One episode per task: with two workers each runs one; with one worker it switches tasks in between.
+    common = dict(episodes_per_task=1, max_steps=12, progress=False, seed=3)
     one = evaluate(flow_policy.workdir, "reach,push", execution="receding", replan_every=3, num_workers=1, **common)
     two = evaluate(flow_policy.workdir, "reach,push", execution="receding", replan_every=3, num_workers=2, **common)
     strip = lambda r: [{k: e[k] for k in DETERMINISTIC_EPISODE_FIELDS} for e in r["episodes"]]  # noqa: E731
@@ -63,8 +64,8 @@ def test_policy_runs_both_execution_modes_and_ignores_worker_count(flow_policy):
     assert one["config"]["render_size"] == 64  # the dataset's recorded size, from the checkpoint
     for e in one["episodes"]:
         assert e["steps"] == 12 and e["policy_calls"] == 4  # a chunk every 3 executed actions
-    # Different episodes and tasks draw different noise, so their executed actions differ.
-    assert len({e["actions_sha1"] for e in one["episodes"]}) == 4
+    # Different tasks get different instructions and noise, so their executed actions differ.
+    assert len({e["actions_sha1"] for e in one["episodes"]}) == 2
     assert one["per_task"]["reach"]["trained_on"] is True
 
     ensemble = evaluate(flow_policy.workdir, "reach", execution="ensemble", ensemble_k=0.01, num_workers=1,
@@ -91,7 +92,7 @@ def test_bad_inputs_fail_with_one_clear_error(flow_policy, tmp_path):
     for item in ("normalization", "tokenizer", "config"):
         broken = tmp_path / f"no_{item}"
         shutil.copytree(flow_policy.workdir, broken)
-        shutil.rmtree(broken / "checkpoints" / "4" / item)
+        shutil.rmtree(broken / "checkpoints" / "2" / item)
         with pytest.raises(CheckpointError, match=f"has no '{item}' item"):
             evaluate(str(broken), "reach", episodes_per_task=1)
 
@@ -99,8 +100,8 @@ def test_bad_inputs_fail_with_one_clear_error(flow_policy, tmp_path):
 def test_open_loop_metric_of_a_checkpoint_matches_the_runner(flow_policy):
     runner = PolicyRunner.from_checkpoint(flow_policy.workdir)
     pipeline, _ = prepare_data(flow_policy, train=False)
-    batches = list(zip(range(2), iter(pipeline)))
-    metrics = open_loop_metrics(runner, (b for _, b in batches), num_batches=2, rng=jax.random.key(5))
+    batches = list(zip(range(1), iter(pipeline)))
+    metrics = open_loop_metrics(runner, (b for _, b in batches), num_batches=1, rng=jax.random.key(5))
     # The same numbers through the runner's public path: raw state in, un-normalized actions out.
     art = runner.artifact
     squared = absolute = count = 0.0
@@ -114,7 +115,7 @@ def test_open_loop_metric_of_a_checkpoint_matches_the_runner(flow_policy):
         squared += np.sum(mask * (predicted - target) ** 2)
         absolute += np.sum(mask * np.abs(predicted - target))
         count += mask.sum()
-    assert metrics["num_batches"] == 2 and metrics["num_values"] == count
+    assert metrics["num_batches"] == 1 and metrics["num_values"] == count
     np.testing.assert_allclose(metrics["action_mse"], squared / count, rtol=1e-5)
     np.testing.assert_allclose(metrics["action_l1"], absolute / count, rtol=1e-5)
 
