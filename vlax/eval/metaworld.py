@@ -237,8 +237,6 @@ def evaluate(
     wall_s = time.perf_counter() - started
     order = {task: i for i, task in enumerate(task_names)}
     episodes.sort(key=lambda e: (order[e["task"]], e["episode"]))
-    for episode in episodes:
-        episode.pop("worker_pid", None)
     results = {
         "schema_version": results_lib.SCHEMA_VERSION,
         "kind": results_lib.KIND,

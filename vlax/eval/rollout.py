@@ -211,8 +211,8 @@ def run_episode(job: EpisodeJob) -> dict[str, Any]:
     """Runs one episode; success if any step reports it (the episode stops there), at most the env's step limit.
 
     Returns:
-      The episode record of the results schema (see :mod:`vlax.eval.metaworld`), plus ``compile_s`` when this
-      episode made the worker's first (compiling) policy call.
+      The episode record of the results schema (see :mod:`vlax.eval.metaworld`); ``compile_s`` is set when this
+      episode made the worker's first (compiling) policy call and that call's time is kept out of ``policy_s``.
     """
     import jax
 
@@ -288,5 +288,4 @@ def run_episode(job: EpisodeJob) -> dict[str, Any]:
         "wall_s": time.perf_counter() - started,
         "policy_s": policy_s,
         "compile_s": compile_s,
-        "worker_pid": os.getpid(),
     }
