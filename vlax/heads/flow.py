@@ -242,6 +242,17 @@ class SmolVLAExpert(nnx.Module):
 
 # ---- the head ------------------------------------------------------------------------------------------------------
 EXPERTS = ("pi0", "smolvla")
+
+
+def sample_beta(key: jax.Array, a: float, b: float, shape: tuple[int, ...]) -> jax.Array:
+    """Draws from Beta(a, b). With ``b == 1`` (π0's Beta(1.5, 1)) or ``a == 1`` the CDF is ``x^a`` (or
+    ``1 - (1 - x)^b``) and inverting it is exact; that compiles in a tenth of the time of ``jax.random.beta``'s
+    gamma rejection loop, which would otherwise dominate compiling a small flow train step."""
+    if b == 1.0:
+        return jax.random.uniform(key, shape) ** (1.0 / a)
+    if a == 1.0:
+        return 1.0 - jax.random.uniform(key, shape) ** (1.0 / b)
+    return jax.random.beta(key, a, b, shape)
 TIME_CONDITIONING = ("concat", "adarms")
 
 
@@ -343,7 +354,7 @@ class FlowHead(ActionHead):
         k_noise, k_time = jax.random.split(noise_key)
         b = actions.shape[0]
         noise = jax.random.normal(k_noise, actions.shape, actions.dtype)
-        t = jax.random.beta(k_time, *self.time_beta, (b,)) * 0.999 + 0.001
+        t = sample_beta(k_time, *self.time_beta, (b,)) * 0.999 + 0.001
         te = t[:, None, None].astype(actions.dtype)
         x_t = te * noise + (1.0 - te) * actions
         v = self.velocity(self.expert.prepare(ctx.cache), self._state(ctx), x_t, t)
