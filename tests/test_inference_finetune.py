@@ -25,13 +25,16 @@ def test_runner_reproduces_the_model_and_unnormalizes(trained):
     obs = {"image_corner2": frames, "state": state}
     key = jax.random.key(3)
     actions = runner.sample_actions(obs, ["reach the goal", "push the puck to the goal"], rng=key)
-    assert actions.shape == (2, 4, 4)
-    model = nnx.merge(runner._graphdef, runner._state)
+    horizon = runner.spec.horizon
+    assert actions.shape == (2, horizon, 4)
+    model = runner.model()
     normalized = np.asarray(model.sample(runner.prepare(obs, ["reach the goal", "push the puck to the goal"]),
                                          rngs=key))
     np.testing.assert_allclose(actions, runner.artifact.unnormalize("action", normalized), atol=1e-5)
     one = runner.sample_actions({"image_corner2": frames[0], "state": state[0]}, "reach the goal", rng=key)
-    assert one.shape == (4, 4)
+    assert one.shape == (horizon, 4)
+    np.testing.assert_array_equal(runner.sample_normalized(runner.prepare(obs, ['reach the goal'] * 2), key),
+                                  normalized)
 
 
 def test_finetune_to_another_head_needs_reinit(trained, tiny_metaworld, tmp_path):

@@ -66,15 +66,24 @@ class PolicyRunner:
         nnx.update(model, state)
         return cls(model, spec, tokenizer, artifact, config, seed=seed, num_steps=num_steps)
 
+    def model(self) -> VLA:
+        """The policy module (a fresh merge of the runner's weights)."""
+        return nnx.merge(self._graphdef, self._state)
+
+    def sample_normalized(self, inputs: dict, rng: jax.Array) -> jax.Array:
+        """Normalized actions ``[B, H, A]`` from prepared model inputs (see :meth:`prepare`); jitted."""
+        return self._sample(self._state, inputs, rng)
+
     def prepare(self, observation: dict, instructions: Sequence[str]) -> dict:
         """Model inputs from raw frames (any size, resized like the training pipeline) and raw state."""
-        from vlax.data.frame_transforms import decode_and_resize_image
-
         images = {}
         for camera in self.spec.cameras:
             frames = np.asarray(observation[f"image_{camera}"])
             size = (self.spec.image_size, self.spec.image_size)
             if frames.shape[1:3] != size:
+                # Imported only when needed: TensorFlow cannot share a process with EGL rendering.
+                from vlax.data.frame_transforms import decode_and_resize_image
+
                 frames = np.stack([decode_and_resize_image(f, size).numpy() for f in frames])
             images[camera] = frames.astype(np.uint8)
         state = self.artifact.normalize("state", np.asarray(observation["state"], np.float32))
@@ -95,7 +104,7 @@ class PolicyRunner:
         if rng is None:
             rng = jax.random.fold_in(self._key, self._calls)
             self._calls += 1
-        actions = np.asarray(self._sample(self._state, obs, rng))
+        actions = np.asarray(self.sample_normalized(obs, rng))
         actions = self.artifact.unnormalize("action", actions)
         return actions[0] if single else actions
 

@@ -32,8 +32,8 @@ def _sampler(policy: Any) -> SampleFn:
     if isinstance(policy, nnx.Module):
         graphdef, state = nnx.split(policy)
         return lambda obs, key: _sample(graphdef, state, obs, key)
-    if hasattr(policy, "_graphdef") and hasattr(policy, "_state"):  # a PolicyRunner
-        return lambda obs, key: _sample(policy._graphdef, policy._state, obs, key)
+    if hasattr(policy, "sample_normalized"):  # a PolicyRunner
+        return policy.sample_normalized
     if callable(policy):
         return policy
     raise TypeError(f"policy is a {type(policy).__name__}; pass a PolicyRunner, a VLA (nnx.Module) or a function "

@@ -151,7 +151,7 @@ class _CheckpointActor:
 
     def act(self, frame: np.ndarray, sim_obs: np.ndarray, instruction: str, key: Any) -> np.ndarray:
         runner = self.runner
-        normalized = np.asarray(runner._sample(runner._state, self.inputs(frame, sim_obs, instruction), key))
+        normalized = np.asarray(runner.sample_normalized(self.inputs(frame, sim_obs, instruction), key))
         chunk = runner.artifact.unnormalize("action", normalized)[0]  # [H, A]
         return np.clip(chunk.astype(np.float32), -1.0, 1.0)
 

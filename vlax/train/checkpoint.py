@@ -55,9 +55,17 @@ class Checkpointer:
     def restore_raw(self, step: int) -> Any:
         """The saved state as plain nested dicts of arrays, without a target (for transplanting into a new model).
 
-        Variables saved as ``{"value": array}`` come back as the array itself.
+        Variables saved as ``{"value": array}`` come back as the array itself. Arrays land on this process's first
+        device whatever topology saved them (a pod- or 8-device checkpoint loads on one CPU).
         """
-        raw = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        item = self.directory / str(step) / "state" if isinstance(self.directory, Path) \
+            else f"{self.directory}/{step}/state"
+        saved = ocp.StandardCheckpointer().metadata(item)
+        tree = getattr(getattr(saved, "item_metadata", saved), "tree", saved)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree,
+                              is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+        raw = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
         return _unwrap_values(raw)
 
     def restore_latest(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
