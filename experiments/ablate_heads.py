@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 DEFAULT_HEADS = ("binned", "binned_lm", "chunk", "flow", "diffusion")
 CONFIG = "experiments/configs/metaworld.py"
@@ -200,6 +200,7 @@ def ensure_dataset() -> None:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)
     from vlax.heads import HEADS
 
     unknown = [h for h in FLAGS.heads if h not in HEADS]

@@ -21,14 +21,14 @@ import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 DEMO_TASKS = "reach-v3,push-v3,pick-place-v3,drawer-open-v3,button-press-topdown-v3"
 
 flags.DEFINE_string("head", "chunk", "action head (any name of vlax.heads.HEADS)")
 flags.DEFINE_string("tasks", DEMO_TASKS, "Meta-World tasks to train and evaluate on")
 flags.DEFINE_integer("episodes_per_task", 30, "expert episodes per task in the training set")
-flags.DEFINE_integer("steps", 4000, "training steps")
+flags.DEFINE_integer("steps", 2500, "training steps")
 flags.DEFINE_integer("eval_episodes", 10, "closed-loop episodes per task (unseen layouts)")
 flags.DEFINE_string("workdir", "runs/demo", "training run, results and plot")
 FLAGS = flags.FLAGS
@@ -61,6 +61,7 @@ def plot(workdir: Path, metrics: list[dict], results: dict) -> Path:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)
     from experiments.configs.metaworld import get_config
     from experiments.train import train
     from vlax.eval import evaluate
