@@ -33,8 +33,8 @@ def test_runner_reproduces_the_model_and_unnormalizes(trained):
     np.testing.assert_allclose(actions, runner.artifact.unnormalize("action", normalized), atol=1e-5)
     one = runner.sample_actions({"image_corner2": frames[0], "state": state[0]}, "reach the goal", rng=key)
     assert one.shape == (horizon, 4)
-    np.testing.assert_array_equal(runner.sample_normalized(runner.prepare(obs, ['reach the goal'] * 2), key),
-                                  normalized)
+    jitted = runner.sample_normalized(runner.prepare(obs, ["reach the goal", "push the puck to the goal"]), key)
+    np.testing.assert_allclose(jitted, normalized, atol=1e-5)  # jitted vs eager: float reassociation only
 
 
 def test_finetune_to_another_head_needs_reinit(trained, tiny_metaworld, tmp_path):
