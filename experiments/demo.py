@@ -23,7 +23,7 @@ from pathlib import Path  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 
-DEMO_TASKS = "reach-v3,push-v3,pick-place-v3,drawer-open-v3,button-press-topdown-v3"
+DEMO_TASKS = "reach,push,pick-place,drawer-open,button-press-topdown"
 
 flags.DEFINE_string("head", "chunk", "action head (any name of vlax.heads.HEADS)")
 flags.DEFINE_string("tasks", DEMO_TASKS, "Meta-World tasks to train and evaluate on")

@@ -77,12 +77,10 @@ def prepare_data(cfg: ml_collections.ConfigDict, *, train: bool = True, expected
 
 
 def task_names(cfg: ml_collections.ConfigDict) -> list[str]:
-    tasks = cfg.data.tasks
-    if tasks == "mt10":
-        return list(vdata.MT10_TASKS)
-    if tasks == "mt50":
-        return list(vdata.MT50_TASKS)
-    return [t.strip() for t in tasks.split(",") if t.strip()]
+    """The configured tasks (``mt10``, ``mt50`` or names, with or without ``-v3``); unknown names are an error."""
+    from vlax.data.metaworld_tasks import resolve_tasks
+
+    return list(resolve_tasks(cfg.data.tasks))
 
 
 def make_tokenizer(cfg: ml_collections.ConfigDict) -> WordTokenizer:
