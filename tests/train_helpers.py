@@ -20,6 +20,7 @@ def tiny_config(workdir: Path, data_dir: Path, **train):
                                   "head_dim": 16}
     for head in ("chunk", "chunk_cvae"):
         c.model.head_defaults[head].update(width=32, depth=1, num_heads=2, mlp_dim=64)
+    c.model.head_defaults.diffusion_unet.denoiser_kwargs.update(down_dims=(16, 32), step_embed_dim=16)
     c.optim.learning_rate = 1e-3
     c.optim.warmup_steps = 2
     c.train.log_every = 1

@@ -38,6 +38,7 @@ def _base() -> ml_collections.ConfigDict:
     c.model.head_defaults = ml_collections.ConfigDict({
         "chunk": {"width": 128, "depth": 2, "num_heads": 4, "mlp_dim": 512},
         "chunk_cvae": {"width": 128, "depth": 2, "num_heads": 4, "mlp_dim": 512, "encoder_depth": 2},
+        "diffusion_unet": {"denoiser_kwargs": {"down_dims": (64, 128), "step_embed_dim": 64}},
     })
     c.model.encoder = "conv_stem"
     # Four stride-2 stages: a 64 px frame becomes 4 x 4 = 16 tokens, which keeps the backbone cheap on a CPU.
@@ -91,6 +92,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         c.model.encoder_kwargs = ml_collections.ConfigDict()
         c.model.backbone = "smollm2_135m"
         c.model.backbone_overrides = ml_collections.ConfigDict({"remat": "dots"})
+        c.model.head_defaults = ml_collections.ConfigDict()  # the published head sizes
         c.model.dtype = "bfloat16"
         c.train.steps = 20000
     else:
