@@ -386,3 +386,18 @@ def assign_params(
 def to_numpy_flat(module: nnx.Module) -> dict[str, np.ndarray]:
     """``{dotted path: numpy array}`` of every parameter of a concrete module (the inverse of assignment)."""
     return {_key_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def find_prefix(names: Sequence[str], prefixes: Sequence[str], marker: str, what: str) -> str:
+    """The first of ``prefixes`` under which ``marker`` (a tensor every such model has) is among ``names``."""
+    for prefix in prefixes:
+        if prefix + marker in names:
+            return prefix
+    raise CheckpointError(f"no {what} found: expected a tensor named '<prefix>{marker}' with <prefix> one of "
+                          f"{list(prefixes)}; first tensor names: {list(names)[:8]}")
+
+
+def load_prefixed(path: str | Path, prefix: str, skip: Callable[[str], bool] | None = None) -> dict[str, np.ndarray]:
+    """The tensors under ``prefix`` in the checkpoint directory ``path`` (minus ``skip``), prefix removed."""
+    _, tensors = load_hf_dir(path, select=lambda n: n.startswith(prefix) and not (skip and skip(n)))
+    return strip_prefix(tensors, (prefix,))[0]

@@ -18,17 +18,17 @@ import numpy as np
 from flax import nnx
 
 from vlax.encoders.vit import ViT, ViTConfig
+from vlax.weights.common import find_prefix as find_checkpoint_prefix
 from vlax.weights.common import (
     CheckpointError,
+    load_prefixed,
     assign_params,
     check_architecture,
     linear_rules,
-    load_hf_dir,
     norm_rules,
     read_config,
     rename_tensors,
     stack_numbered,
-    strip_prefix,
     tensor_names,
 )
 from vlax.weights.siglip import conv_kernel
@@ -131,13 +131,7 @@ def convert_dinov2_tensors(tensors: dict[str, np.ndarray], num_layers: int | Non
 
 def find_prefix(names: list[str]) -> str:
     """The prefix under which a checkpoint keeps its DINOv2 model."""
-    for prefix in PREFIXES:
-        if prefix + "embeddings.patch_embeddings.projection.weight" in names:
-            return prefix
-    raise CheckpointError(
-        "no DINOv2 model found: expected a tensor named '<prefix>embeddings.patch_embeddings.projection.weight' "
-        f"with <prefix> one of {list(PREFIXES)}; first tensor names: {names[:8]}"
-    )
+    return find_checkpoint_prefix(names, PREFIXES, "embeddings.patch_embeddings.projection.weight", "DINOv2 model")
 
 
 def load_dinov2(path: str | Path, *, dtype=None, compute_dtype=None, strict: bool = True, **overrides) -> ViT:
@@ -154,8 +148,6 @@ def load_dinov2(path: str | Path, *, dtype=None, compute_dtype=None, strict: boo
         overrides["dtype"] = jnp.dtype(compute_dtype).name
     cfg = vit_config_from_hf(read_config(path), **overrides)
     prefix = find_prefix(tensor_names(path))
-    _, tensors = load_hf_dir(path, select=lambda n: n.startswith(prefix))
-    tensors, _ = strip_prefix(tensors, (prefix,))
-    flat, sources = convert_dinov2_tensors(tensors, cfg.depth, prefix)
+    flat, sources = convert_dinov2_tensors(load_prefixed(path, prefix), cfg.depth, prefix)
     model = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
     return assign_params(model, flat, strict=strict, sources=sources)

@@ -22,17 +22,17 @@ import numpy as np
 from flax import nnx
 
 from vlax.encoders.vit import ViT, ViTConfig
+from vlax.weights.common import find_prefix as find_checkpoint_prefix
 from vlax.weights.common import (
     CheckpointError,
+    load_prefixed,
     assign_params,
     check_architecture,
     linear_rules,
-    load_hf_dir,
     norm_rules,
     read_config,
     rename_tensors,
     stack_numbered,
-    strip_prefix,
     tensor_names,
 )
 
@@ -147,13 +147,7 @@ def convert_siglip_tensors(tensors: dict[str, np.ndarray], num_layers: int | Non
 
 def find_prefix(names: list[str]) -> str:
     """The prefix under which a checkpoint keeps its SigLIP vision tower."""
-    for prefix in PREFIXES:
-        if prefix + "embeddings.patch_embedding.weight" in names:
-            return prefix
-    raise CheckpointError(
-        "no SigLIP vision tower found: expected a tensor named '<prefix>embeddings.patch_embedding.weight' with "
-        f"<prefix> one of {list(PREFIXES)}; first tensor names: {names[:8]}"
-    )
+    return find_checkpoint_prefix(names, PREFIXES, "embeddings.patch_embedding.weight", "SigLIP vision tower")
 
 
 def load_siglip(path: str | Path, *, dtype=None, compute_dtype=None, strict: bool = True, **overrides) -> ViT:
@@ -171,13 +165,7 @@ def load_siglip(path: str | Path, *, dtype=None, compute_dtype=None, strict: boo
         overrides["dtype"] = jnp.dtype(compute_dtype).name
     cfg = vit_config_from_hf(read_config(path), **overrides)
     prefix = find_prefix(tensor_names(path))
-    head = prefix + "head."
-
-    def wanted(name: str) -> bool:
-        return name.startswith(prefix) and not (cfg.pool == "none" and name.startswith(head))
-
-    _, tensors = load_hf_dir(path, select=wanted)
-    tensors, _ = strip_prefix(tensors, (prefix,))
-    flat, sources = convert_siglip_tensors(tensors, cfg.depth, prefix)
+    skip_head = (lambda n: n.startswith(prefix + "head.")) if cfg.pool == "none" else None
+    flat, sources = convert_siglip_tensors(load_prefixed(path, prefix, skip_head), cfg.depth, prefix)
     model = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
     return assign_params(model, flat, strict=strict, sources=sources)
