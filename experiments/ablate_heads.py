@@ -20,6 +20,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import ast  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -52,8 +53,7 @@ FLAGS = flags.FLAGS
 def _thread_env(threads: int) -> dict:
     env = dict(os.environ)
     if threads == 1:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-                            " intra_op_parallelism_threads=1").strip()
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     return env
 
 
@@ -187,14 +187,14 @@ def ensure_dataset() -> None:
 
     cfg = get_config(FLAGS.variant)
     cfg.data.tasks = FLAGS.tasks
-    for override in FLAGS.set:
+    for override in FLAGS.set:  # the dataset follows data.* overrides the way the trainer reads them
         key, value = override.split("=", 1)
         if key.startswith("data."):
-            node = cfg
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = type(node[leaf])(value)
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass  # a plain string
+            cfg.data[key.split(".", 1)[1]] = value
     generate_dataset(cfg)
 
 

@@ -31,7 +31,7 @@ EXECUTIONS = ("receding", "ensemble")
 # Set in every worker before anything is imported: one XLA thread so that N workers use N cores, no GPU memory
 # preallocation (several workers may share one accelerator).
 WORKER_ENVIRONMENT = {
-    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
     "OMP_NUM_THREADS": "1",
     "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
 }
@@ -40,14 +40,10 @@ WORKER_ENVIRONMENT = {
 def worker_environment(gl_backend: str) -> dict[str, str]:
     """Environment variables of an evaluation worker (thread limits and the headless GL backend).
 
-    A forced host device count in this process's ``XLA_FLAGS`` is kept: checkpoints restore onto the device layout
-    they were saved from, so workers see the same devices as the process that trained or evaluates.
+    Workers see one CPU device whatever the parent forces: checkpoints restore onto one device whatever topology
+    saved them.
     """
-    environment = {**WORKER_ENVIRONMENT, "MUJOCO_GL": gl_backend, "PYOPENGL_PLATFORM": gl_backend}
-    forced = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_force_host_platform_device")]
-    # First: XLA stops reading flags at the bare ``intra_op_parallelism_threads=1`` token.
-    environment["XLA_FLAGS"] = " ".join([*forced, environment["XLA_FLAGS"]])
-    return environment
+    return {**WORKER_ENVIRONMENT, "MUJOCO_GL": gl_backend, "PYOPENGL_PLATFORM": gl_backend}
 
 
 def init_worker(environment: dict[str, str]) -> None:
