@@ -30,7 +30,8 @@ def main(argv):
     del argv
     import tensorflow as tf
 
-    from vlax.data import DataConfig, build_pipeline, generate_metaworld_dataset, metaworld_source
+    from vlax.data import DataConfig, build_pipeline
+    from vlax.envs.metaworld import generate_metaworld_dataset, metaworld_source
 
     path = generate_metaworld_dataset(
         OUT_DIR.value, tasks=TASKS.value, episodes_per_task=EPISODES.value, image_size=IMAGE_SIZE.value

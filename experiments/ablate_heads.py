@@ -112,7 +112,7 @@ def evaluate_head(workdir: Path) -> dict:
 
 
 def saved_config(workdir: Path) -> dict:
-    from vlax.train.checkpoint import Checkpointer
+    from vlax.checkpoint import Checkpointer
 
     ckpt = Checkpointer(workdir / "checkpoints")
     try:

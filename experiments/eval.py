@@ -4,7 +4,7 @@
         --execution=receding --replan_every=4 --num_workers=2 --out=results.json [--video_dir=videos]
     python -m experiments.eval --checkpoint=expert --tasks=reach,push --episodes_per_task=5   # the harness alone
 
-The results file follows the schema in :mod:`vlax.eval.metaworld`.
+The results file follows the schema in :mod:`vlax.envs.metaworld.evaluate`.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a dataset generated w
 
 def main(argv):
     del argv
-    from vlax.data.metaworld_rlds import generate_metaworld_dataset
+    from vlax.envs.metaworld.dataset import generate_metaworld_dataset
 
     path = generate_metaworld_dataset(
         OUT_DIR.value,

@@ -31,7 +31,7 @@ from vlax.nn import count_params  # noqa: E402
 from vlax.tokenizers import WordTokenizer, tokenizer_from_json  # noqa: E402
 from vlax.train import distributed  # noqa: E402
 from vlax.train.batch import model_batch  # noqa: E402
-from vlax.train.checkpoint import Checkpointer  # noqa: E402
+from vlax.checkpoint import Checkpointer  # noqa: E402
 from vlax.train.data_iterator import DataIterator  # noqa: E402
 from vlax.train.finetune import transplant  # noqa: E402
 from vlax.train.flops import count_flops  # noqa: E402
@@ -78,7 +78,7 @@ def prepare_data(cfg: ml_collections.ConfigDict, *, train: bool = True, expected
 
 def task_names(cfg: ml_collections.ConfigDict) -> list[str]:
     """The configured tasks (``mt10``, ``mt50`` or names, with or without ``-v3``); unknown names are an error."""
-    from vlax.data.metaworld_tasks import resolve_tasks
+    from vlax.envs.metaworld.task_sets import resolve_tasks
 
     return list(resolve_tasks(cfg.data.tasks))
 

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_metaworld(tmp_path_factory):
     """A Meta-World RLDS dataset of 2 tasks x 2 expert episodes at 64 px, generated once per test session."""
-    from vlax.data import generate_metaworld_dataset
+    from vlax.envs.metaworld import generate_metaworld_dataset
 
     path = tmp_path_factory.mktemp("metaworld_tiny")
     generate_metaworld_dataset(str(path), tasks="reach,push", episodes_per_task=2, image_size=64,

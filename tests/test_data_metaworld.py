@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vlax.data import metaworld_instructions, metaworld_tasks
-from vlax.data.metaworld_rlds import generate_metaworld_dataset, metaworld_source
+from vlax.envs.metaworld import instructions, task_sets
+from vlax.envs.metaworld.dataset import generate_metaworld_dataset, metaworld_source
 from vlax.data.pipeline import DataConfig, build_pipeline
 from vlax.data.rlds_reader import CorruptedDataError, RLDSSource
 
@@ -35,19 +35,19 @@ def _episodes(path):
 
 
 def test_task_tables():
-    assert set(metaworld_tasks.MT10_TASKS) <= set(metaworld_tasks.MT50_TASKS)
-    assert len(metaworld_tasks.MT50_TASKS) == 50
-    assert [len(b) for b in metaworld_tasks.MT50_BUCKETS.values()] == [28, 11, 6, 5]
-    assert set(metaworld_instructions.INSTRUCTIONS) == set(metaworld_tasks.MT50_TASKS)
-    assert all(len(set(v)) >= 3 for v in metaworld_instructions.INSTRUCTIONS.values())
-    assert metaworld_tasks.resolve_tasks("mt10") == metaworld_tasks.MT10_TASKS
-    assert metaworld_tasks.resolve_tasks("reach-v3, push") == ("reach", "push")
+    assert set(task_sets.MT10_TASKS) <= set(task_sets.MT50_TASKS)
+    assert len(task_sets.MT50_TASKS) == 50
+    assert [len(b) for b in task_sets.MT50_BUCKETS.values()] == [28, 11, 6, 5]
+    assert set(instructions.INSTRUCTIONS) == set(task_sets.MT50_TASKS)
+    assert all(len(set(v)) >= 3 for v in instructions.INSTRUCTIONS.values())
+    assert task_sets.resolve_tasks("mt10") == task_sets.MT10_TASKS
+    assert task_sets.resolve_tasks("reach-v3, push") == ("reach", "push")
     with pytest.raises(ValueError, match=r"Unknown Meta-World task\(s\) \['reech'\].*names from: assembly"):
-        metaworld_tasks.resolve_tasks("reech")
-    from vlax.data.metaworld_rollout import RolloutSettings, record_episode
+        task_sets.resolve_tasks("reech")
+    from vlax.envs.metaworld.sim import RolloutSettings, record_episode
 
     with pytest.raises(ValueError, match="layout seed 1000000 is in the evaluation range"):
-        record_episode("reach", metaworld_tasks.EVAL_LAYOUT_SEED_START, RolloutSettings())
+        record_episode("reach", task_sets.EVAL_LAYOUT_SEED_START, RolloutSettings())
 
 
 def test_generated_dataset_reads_back(dataset):
@@ -74,7 +74,7 @@ def test_generated_dataset_reads_back(dataset):
         assert steps["is_first"][0] and steps["is_last"][-1] and steps["is_terminal"][-1]
         assert steps["is_last"].sum() == 1
         instruction = steps["language_instruction"][0].decode()
-        assert instruction in metaworld_instructions.INSTRUCTIONS[meta["task"].decode()]
+        assert instruction in instructions.INSTRUCTIONS[meta["task"].decode()]
         assert (steps["language_instruction"] == steps["language_instruction"][0]).all()
         assert steps["observation"]["image_corner2"].max(axis=(1, 2, 3)).min() > 50  # no black frames
     assert {t: sorted(s) for t, s in by_task.items()} == {t: [0, 1] for t in TASKS}
@@ -203,7 +203,7 @@ def test_corrupted_tfrecord_names_file_or_is_skipped_and_counted(dataset, tmp_pa
 
 _GL_TRAP = """
 import gc, metaworld
-from vlax.data import metaworld_rollout as r
+from vlax.envs.metaworld import sim as r
 bench = metaworld.MT1("reach-v3", seed=0)
 other = bench.train_classes["reach-v3"](render_mode="rgb_array", camera_name="corner2", width=64, height=64)
 other.set_task(bench.train_tasks[0])

@@ -10,7 +10,7 @@ from PIL import Image
 
 from experiments.train import prepare_data, train
 from train_helpers import tiny_config
-from vlax.data import EVAL_LAYOUT_SEED_START, MT50_TASKS
+from vlax.envs.metaworld import EVAL_LAYOUT_SEED_START, MT50_TASKS
 from vlax.eval import CheckpointError, evaluate, load_results, open_loop_metrics
 from vlax.eval.results import DETERMINISTIC_EPISODE_FIELDS
 from vlax.inference import PolicyRunner
@@ -121,8 +121,8 @@ def test_open_loop_metric_of_a_checkpoint_matches_the_runner(flow_policy):
 
 
 def test_worker_inputs_equal_the_runners(flow_policy):
-    from vlax.data.metaworld_rollout import RolloutSettings
-    from vlax.eval.rollout import _CheckpointActor
+    from vlax.envs.metaworld.sim import RolloutSettings
+    from vlax.envs.metaworld.episode import _CheckpointActor
 
     actor = _CheckpointActor(flow_policy.workdir, None, RolloutSettings(image_size=64))
     rs = np.random.RandomState(0)

@@ -13,7 +13,7 @@ from vlax.data.frame_transforms import decode_and_resize_image
 from vlax.data.normalization import NormalizationArtifact
 from vlax.eval import open_loop_metrics, validate_results, write_video
 from vlax.eval.results import summarize, timing
-from vlax.eval.rollout import resize_like_pipeline
+from vlax.envs.metaworld.episode import resize_like_pipeline
 from vlax.policy import PolicySpec
 from vlax.tokenizers import WordTokenizer
 

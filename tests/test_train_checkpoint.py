@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlax.train.checkpoint import Checkpointer
+from vlax.checkpoint import Checkpointer
 
 
 def _state(seed):

@@ -22,7 +22,7 @@ from flax import nnx
 from vlax.build import build_policy, policy_spec
 from vlax.policy import VLA, PolicySpec
 from vlax.tokenizers import Tokenizer, encode_batch, tokenizer_from_json
-from vlax.train.checkpoint import Checkpointer
+from vlax.checkpoint import Checkpointer
 
 
 class PolicyRunner:

@@ -1,13 +1,15 @@
-"""vlax data: RLDS / LeRobot v3 reading, trajectory + frame transforms, normalization artifacts, mixtures, and a
-Meta-World scripted-expert dataset generator.
+"""vlax data: RLDS / LeRobot v3 reading, sources from config, trajectory + frame transforms, normalization
+artifacts, mixtures.
 
 Typical use::
 
     from vlax import data
-    path = data.generate_metaworld_dataset("/data/mw", tasks="mt10", episodes_per_task=50)
-    pipeline = data.build_pipeline([data.metaworld_source(path)], data.DataConfig(batch_size=64, action_horizon=4))
+    source = data.open_source({"kind": "lerobot", "path": "/data/my_arm"})   # or rlds / metaworld
+    pipeline = data.build_pipeline([source], data.DataConfig(batch_size=64, action_horizon=4))
     for batch in pipeline: ...                       # numpy batches, this host's shard
-    pipeline.artifacts["metaworld_experts"].save(ckpt_dir + "/normalization.json")
+    pipeline.artifacts[source.name].save(ckpt_dir + "/normalization.json")
+
+Meta-World (the scripted-expert generator, task lists, rollouts) lives in :mod:`vlax.envs.metaworld`.
 
 Batch schema (numpy; B = per-host batch, W = ``window``, H = ``action_horizon``, A/S = padded action/state dims)::
 
@@ -32,8 +34,6 @@ Batch schema (numpy; B = per-host batch, W = ``window``, H = ``action_horizon``,
 
 Policies with ``window=1`` use ``action[:, -1]`` ([B, H, A]) and ``observation[...][:, -1]``.
 Normalization: see :mod:`vlax.data.normalization` (un-normalize predictions with ``artifact.unnormalize``).
-Meta-World layout seeds: training from :data:`TRAIN_LAYOUT_SEED_START`, evaluation from
-:data:`EVAL_LAYOUT_SEED_START`.
 """
 
 from __future__ import annotations
@@ -57,16 +57,6 @@ _EXPORTS = {
     "InMemorySource": "vlax.data.sources",
     "LeRobotSource": "vlax.data.lerobot_v3",
     "mixture_weights": "vlax.data.mixture",
-    "generate_metaworld_dataset": "vlax.data.metaworld_rlds",
-    "metaworld_source": "vlax.data.metaworld_rlds",
-    "MT10_TASKS": "vlax.data.metaworld_tasks",
-    "MT50_TASKS": "vlax.data.metaworld_tasks",
-    "MT50_BUCKETS": "vlax.data.metaworld_tasks",
-    "TRAIN_LAYOUT_SEED_START": "vlax.data.metaworld_tasks",
-    "EVAL_LAYOUT_SEED_START": "vlax.data.metaworld_tasks",
-    "resolve_tasks": "vlax.data.metaworld_tasks",
-    "INSTRUCTIONS": "vlax.data.metaworld_instructions",
-    "instruction": "vlax.data.metaworld_instructions",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -3,7 +3,7 @@
     from vlax.eval import evaluate, open_loop_metrics
     results = evaluate("runs/flow", "mt10", episodes_per_task=10, num_workers=2, results_path="results.json")
 
-See :mod:`vlax.eval.metaworld` for the protocol and the results-file schema.
+See :mod:`vlax.envs.metaworld.evaluate` for the protocol and the results-file schema.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import importlib
 
 # Loaded on first use: worker processes import this package and must set their environment before JAX loads.
 _EXPORTS = {
-    "evaluate": "vlax.eval.metaworld",
-    "layout_seed": "vlax.eval.metaworld",
-    "CheckpointError": "vlax.eval.checkpoint_info",
-    "CheckpointInfo": "vlax.eval.checkpoint_info",
-    "read_checkpoint_info": "vlax.eval.checkpoint_info",
+    "evaluate": "vlax.envs.metaworld.evaluate",
+    "layout_seed": "vlax.envs.metaworld.evaluate",
+    "CheckpointError": "vlax.envs.metaworld.checkpoint_info",
+    "CheckpointInfo": "vlax.envs.metaworld.checkpoint_info",
+    "read_checkpoint_info": "vlax.envs.metaworld.checkpoint_info",
     "format_table": "vlax.eval.results",
     "load_results": "vlax.eval.results",
     "validate_results": "vlax.eval.results",

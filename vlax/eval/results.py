@@ -1,6 +1,6 @@
 """Closed-loop results: aggregation of episode records, the results-file schema check, JSON I/O and a table.
 
-The schema itself is documented in :mod:`vlax.eval.metaworld`; :data:`SCHEMA` below is its machine-checked form.
+The schema itself is documented in :mod:`vlax.envs.metaworld.evaluate`; :data:`SCHEMA` below is its machine-checked form.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import os
 from typing import Any, Sequence
 
-from vlax.data import metaworld_tasks
+from vlax.envs.metaworld import task_sets
 
 SCHEMA_VERSION = 1
 KIND = "metaworld_closed_loop"
@@ -96,11 +96,11 @@ def summarize(episodes: list[dict], tasks: Sequence[str], trained_tasks: Sequenc
             "successes": successes,
             "episodes": len(mine),
             "mean_steps": _mean([e["steps"] for e in mine]),
-            "bucket": metaworld_tasks.task_bucket(task),
+            "bucket": task_sets.task_bucket(task),
             "trained_on": None if trained_tasks is None else task in trained_tasks,
         }
     buckets = {}
-    for bucket in metaworld_tasks.MT50_BUCKETS:
+    for bucket in task_sets.MT50_BUCKETS:
         rates = [entry["success_rate"] for entry in per_task.values() if entry["bucket"] == bucket]
         if rates:
             buckets[bucket] = _mean(rates)
@@ -109,7 +109,7 @@ def summarize(episodes: list[dict], tasks: Sequence[str], trained_tasks: Sequenc
         "mean_success": _mean([entry["success_rate"] for entry in per_task.values()]),
         "bucket_success": buckets,
         # The published MT50 figure: the unweighted mean of the four bucket means (needs all four).
-        "bucket_mean": _mean(list(buckets.values())) if len(buckets) == len(metaworld_tasks.MT50_BUCKETS) else None,
+        "bucket_mean": _mean(list(buckets.values())) if len(buckets) == len(task_sets.MT50_BUCKETS) else None,
     }
 
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vlax.data import metaworld_rollout, metaworld_tasks
+from vlax.envs.metaworld import sim, task_sets
 
 REQUIRED_ITEMS = ("config", "normalization", "tokenizer")
 
@@ -39,7 +39,7 @@ class CheckpointInfo:
     directory: str
     step: int
     config: dict
-    settings: metaworld_rollout.RolloutSettings
+    settings: sim.RolloutSettings
     policy_image_size: int
     state_dim: int
     action_dim: int
@@ -100,19 +100,19 @@ def read_checkpoint_info(path: str | os.PathLike, *, step: int | None = None) ->
         raise CheckpointError(f"the config of {step_dir} lacks data.{missing}; it was not trained on a Meta-World "
                               "dataset by experiments/train.py")
     # experiments/train.py records its dataset with the generator's defaults apart from the size and camera.
-    settings = metaworld_rollout.RolloutSettings(image_size=int(data.get("generate_image_size", 128)),
+    settings = sim.RolloutSettings(image_size=int(data.get("generate_image_size", 128)),
                                                  cameras=(data["camera"],))
     stats = normalization.get("stats", {})
     dims = {k: len(stats[k]["mean"]) for k in ("state", "action") if k in stats}
-    if dims.get("action") != metaworld_rollout.ACTION_DIM:
+    if dims.get("action") != sim.ACTION_DIM:
         raise CheckpointError(f"the normalization artifact of {step_dir} has action dim {dims.get('action')}; "
-                              f"Meta-World takes {metaworld_rollout.ACTION_DIM}")
+                              f"Meta-World takes {sim.ACTION_DIM}")
     state_dim = dims.get("state", 0)
-    if state_dim not in (0, metaworld_rollout.STATE_DIM):
+    if state_dim not in (0, sim.STATE_DIM):
         raise CheckpointError(f"the normalization artifact of {step_dir} has state dim {state_dim}; the Meta-World "
-                              f"dataset's state has {metaworld_rollout.STATE_DIM} (hand xyz + gripper)")
+                              f"dataset's state has {sim.STATE_DIM} (hand xyz + gripper)")
     return CheckpointInfo(
         directory=str(directory), step=step, config=config, settings=settings,
         policy_image_size=int(data["image_size"]), state_dim=state_dim, action_dim=dims["action"],
-        horizon=int(data["action_horizon"]), trained_tasks=metaworld_tasks.resolve_tasks(data["tasks"]),
+        horizon=int(data["action_horizon"]), trained_tasks=task_sets.resolve_tasks(data["tasks"]),
     )

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from vlax.data import metaworld_rollout
-from vlax.data.metaworld_rollout import RolloutSettings
+from vlax.envs.metaworld import sim
+from vlax.envs.metaworld.sim import RolloutSettings
 
 EXPERT = "expert"
 EXECUTIONS = ("receding", "ensemble")
@@ -123,7 +123,7 @@ class _CheckpointActor:
 
             from PIL import Image
 
-            encoded = metaworld_rollout.encode_frame(frame, self.settings)
+            encoded = sim.encode_frame(frame, self.settings)
             frame = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
         return np.asarray(self._resize(frame))[None]
 
@@ -194,9 +194,9 @@ def _ensembler(horizon: int, coeff: float):
 
 
 def _frame(task: str, layout_seed: int, step: int) -> np.ndarray:
-    frame = metaworld_rollout.render_upright(0)
-    if int(frame.max()) <= metaworld_rollout.BLACK_FRAME_MAX_VALUE:
-        raise metaworld_rollout.BlackFrameError(
+    frame = sim.render_upright(0)
+    if int(frame.max()) <= sim.BLACK_FRAME_MAX_VALUE:
+        raise sim.BlackFrameError(
             f"All-black frame (task {task}, layout seed {layout_seed}, step {step}): a GL context was lost. Use one "
             "environment per process and close + delete + gc.collect() an environment before building the next one."
         )
@@ -207,7 +207,7 @@ def run_episode(job: EpisodeJob) -> dict[str, Any]:
     """Runs one episode; success if any step reports it (the episode stops there), at most the env's step limit.
 
     Returns:
-      The episode record of the results schema (see :mod:`vlax.eval.metaworld`); ``compile_s`` is set when this
+      The episode record of the results schema (see :mod:`vlax.envs.metaworld.evaluate`); ``compile_s`` is set when this
       episode made the worker's first (compiling) policy call and that call's time is kept out of ``policy_s``.
     """
     import jax
@@ -215,7 +215,7 @@ def run_episode(job: EpisodeJob) -> dict[str, Any]:
     from vlax.heads.execution import ActionQueue
 
     started = time.perf_counter()
-    env, expert = metaworld_rollout.ensure_env(job.task, job.settings)
+    env, expert = sim.ensure_env(job.task, job.settings)
     actor = _actor(job, expert)
     if job.execution == "receding" and job.replan_every > actor.horizon:
         raise ValueError(f"replan_every={job.replan_every} exceeds the policy's chunk of {actor.horizon} actions")
@@ -226,7 +226,7 @@ def run_episode(job: EpisodeJob) -> dict[str, Any]:
     queue = ActionQueue(job.replan_every) if job.execution == "receding" else None
     if queue is None:
         ensembler, update = _ensembler(actor.horizon, job.ensemble_k)
-        ensemble_state = ensembler.init(1, metaworld_rollout.ACTION_DIM)
+        ensemble_state = ensembler.init(1, sim.ACTION_DIM)
     frames, actions = [], []
     calls, policy_s, compile_s, episode_return, first_success = 0, 0.0, None, 0.0, -1
     for t in range(limit):
@@ -262,7 +262,7 @@ def run_episode(job: EpisodeJob) -> dict[str, Any]:
     if not _worker.get("close_at_exit"):
         # After the first render mujoco has registered its display teardown; hooks run last-in first-out, so the
         # environment's GL context is freed before the display goes.
-        atexit.register(metaworld_rollout.close_env)
+        atexit.register(sim.close_env)
         _worker["close_at_exit"] = True
     if job.video_path:
         from vlax.eval.video import write_video

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vlax.data import metaworld_rollout, metaworld_tasks
+from vlax.envs.metaworld import sim, task_sets
 
 DATASET_NAME = "metaworld_experts"
 DATASET_VERSION = "1.0.0"
@@ -48,7 +48,7 @@ class MetaworldExperts(tfds.core.GeneratorBasedBuilder):
     def __init__(
         self,
         *,
-        settings: metaworld_rollout.RolloutSettings,
+        settings: sim.RolloutSettings,
         episodes: Callable[[], Iterator[dict[str, Any]]],
         **kwargs,
     ):
@@ -65,15 +65,15 @@ class MetaworldExperts(tfds.core.GeneratorBasedBuilder):
             for camera in self._settings.cameras
         }
         observation["state"] = tfds.features.Tensor(
-            shape=(metaworld_rollout.STATE_DIM,), dtype=np.float32, doc="hand xyz and gripper opening"
+            shape=(sim.STATE_DIM,), dtype=np.float32, doc="hand xyz and gripper opening"
         )
         observation["privileged_state"] = tfds.features.Tensor(
-            shape=(metaworld_rollout.PRIVILEGED_STATE_DIM,), dtype=np.float32, doc="full simulator observation"
+            shape=(sim.PRIVILEGED_STATE_DIM,), dtype=np.float32, doc="full simulator observation"
         )
         steps = tfds.features.Dataset(
             {
                 "observation": tfds.features.FeaturesDict(observation),
-                "action": tfds.features.Tensor(shape=(metaworld_rollout.ACTION_DIM,), dtype=np.float32),
+                "action": tfds.features.Tensor(shape=(sim.ACTION_DIM,), dtype=np.float32),
                 "reward": tfds.features.Scalar(dtype=np.float32),
                 "discount": tfds.features.Scalar(dtype=np.float32),
                 "is_first": tfds.features.Scalar(dtype=np.bool_),
@@ -141,7 +141,7 @@ class _Collector:
 
     tasks: tuple[str, ...]
     episodes_per_task: int
-    settings: metaworld_rollout.RolloutSettings
+    settings: sim.RolloutSettings
     num_workers: int
     backend: str
     keep_failures: bool
@@ -152,7 +152,7 @@ class _Collector:
         from tqdm import tqdm
 
         self.report = {t: {"kept": 0, "failed": 0, "seeds": []} for t in self.tasks}
-        next_seed = {t: metaworld_tasks.TRAIN_LAYOUT_SEED_START for t in self.tasks}
+        next_seed = {t: task_sets.TRAIN_LAYOUT_SEED_START for t in self.tasks}
         progress = tqdm(total=len(self.tasks) * self.episodes_per_task, desc="Meta-World episodes", unit="ep")
         pool = self._pool()
         try:
@@ -160,7 +160,7 @@ class _Collector:
                 wanted = {}
                 for task in self.tasks:
                     missing = self.episodes_per_task - self.report[task]["kept"]
-                    budget = self.max_attempts_per_task - (next_seed[task] - metaworld_tasks.TRAIN_LAYOUT_SEED_START)
+                    budget = self.max_attempts_per_task - (next_seed[task] - task_sets.TRAIN_LAYOUT_SEED_START)
                     if missing > 0 and budget > 0:
                         wanted[task] = min(missing, budget)
                 if not wanted:
@@ -168,8 +168,8 @@ class _Collector:
                 jobs = self._jobs(wanted, next_seed)
                 for task, count in wanted.items():
                     next_seed[task] += count
-                results = pool.imap_unordered(metaworld_rollout.run_job, jobs) if pool else map(
-                    metaworld_rollout.run_job, jobs
+                results = pool.imap_unordered(sim.run_job, jobs) if pool else map(
+                    sim.run_job, jobs
                 )
                 for episodes in results:
                     for episode in episodes:
@@ -202,10 +202,10 @@ class _Collector:
 
     def _pool(self):
         if self.num_workers <= 0:
-            metaworld_rollout.set_gl_backend(self.backend)
+            sim.set_gl_backend(self.backend)
             return None
         context = multiprocessing.get_context("spawn")
-        return context.Pool(self.num_workers, initializer=metaworld_rollout.init_worker, initargs=(self.backend,))
+        return context.Pool(self.num_workers, initializer=sim.init_worker, initargs=(self.backend,))
 
     def _jobs(self, wanted: dict[str, int], next_seed: dict[str, int]) -> list[tuple]:
         total = sum(wanted.values())
@@ -260,14 +260,14 @@ def generate_metaworld_dataset(
     Returns:
       The dataset directory, for ``tfds.builder_from_directory``.
     """
-    task_names = metaworld_tasks.resolve_tasks(tasks)
+    task_names = task_sets.resolve_tasks(tasks)
     if episodes_per_task < 1:
         raise ValueError(f"episodes_per_task must be >= 1, got {episodes_per_task}")
     if image_encoding not in ("jpeg", "png"):
         raise ValueError(f"image_encoding must be 'jpeg' or 'png', got {image_encoding!r}")
     if gl_backend not in GL_BACKENDS:
         raise ValueError(f"gl_backend must be one of {GL_BACKENDS}, got {gl_backend!r}")
-    settings = metaworld_rollout.RolloutSettings(
+    settings = sim.RolloutSettings(
         image_size=image_size,
         cameras=tuple(cameras),
         max_steps=max_steps,
@@ -285,7 +285,7 @@ def generate_metaworld_dataset(
         "keep_failures": keep_failures,
         "max_attempts_per_task": max_attempts,
         "num_shards": shards,
-        "train_layout_seed_start": metaworld_tasks.TRAIN_LAYOUT_SEED_START,
+        "train_layout_seed_start": task_sets.TRAIN_LAYOUT_SEED_START,
         **_versions(),
     }
     dataset_dir = os.path.join(out_dir, DATASET_NAME, DATASET_VERSION)
@@ -313,7 +313,7 @@ def generate_metaworld_dataset(
         try:
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=shards))
             break
-        except metaworld_rollout.RenderBackendError as e:
+        except sim.RenderBackendError as e:
             if attempt + 1 == len(backends):
                 raise RuntimeError(
                     f"No headless GL backend could render ({e}). Install Mesa EGL (libegl1) or OSMesa "

@@ -68,22 +68,23 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from vlax.data import metaworld_instructions, metaworld_tasks
-from vlax.data.metaworld_rollout import RolloutSettings
+from vlax.envs.metaworld import instructions, task_sets
+from vlax.envs.metaworld.sim import RolloutSettings
 from vlax.eval import results as results_lib
-from vlax.eval.checkpoint_info import CheckpointError, read_checkpoint_info
-from vlax.eval.rollout import EXECUTIONS, EXPERT, EpisodeJob, init_worker, run_episode, worker_environment
+from vlax.envs.metaworld.checkpoint_info import CheckpointError, read_checkpoint_info
+from vlax.envs.metaworld.episode import (EXECUTIONS, EXPERT, EpisodeJob, init_worker, run_episode,
+                                         worker_environment)
 from vlax.eval.video import VIDEO_FORMATS
 
 TASK_STRIDE = 1_000  # layout seeds per task and seed: at most this many episodes per task
-SEED_STRIDE = len(metaworld_tasks.MT50_TASKS) * TASK_STRIDE
+SEED_STRIDE = len(task_sets.MT50_TASKS) * TASK_STRIDE
 GL_BACKENDS = ("egl", "osmesa")
 
 
 def layout_seed(task: str, episode: int, seed: int = 0) -> int:
     """The evaluation layout seed of ``episode`` of ``task`` under ``seed`` (see the module docstring)."""
-    return (metaworld_tasks.EVAL_LAYOUT_SEED_START + seed * SEED_STRIDE
-            + metaworld_tasks.MT50_TASKS.index(task) * TASK_STRIDE + episode)
+    return (task_sets.EVAL_LAYOUT_SEED_START + seed * SEED_STRIDE
+            + task_sets.MT50_TASKS.index(task) * TASK_STRIDE + episode)
 
 
 def _versions() -> dict[str, str]:
@@ -188,7 +189,7 @@ def evaluate(
       CheckpointError: the checkpoint is missing, lacks config / normalization / tokenizer, or does not match the
         requested camera / image size.
     """
-    task_names = metaworld_tasks.resolve_tasks(tasks)
+    task_names = task_sets.resolve_tasks(tasks)
     _check_arguments(execution, episodes_per_task, seed, num_workers, ensemble_k, video_format, video_episodes,
                      max_steps, gl_backend, instruction_paraphrase)
     if str(policy) == EXPERT:
@@ -217,7 +218,7 @@ def evaluate(
         replan = 1
     jobs = []
     for task in task_names:
-        paraphrases = metaworld_instructions.INSTRUCTIONS[task]
+        paraphrases = instructions.INSTRUCTIONS[task]
         if instruction_paraphrase >= len(paraphrases):
             raise ValueError(f"instruction_paraphrase={instruction_paraphrase}, but {task} has "
                              f"{len(paraphrases)} paraphrases")
@@ -227,9 +228,9 @@ def evaluate(
                 video = os.path.join(os.path.abspath(video_dir), f"{task}_episode{episode:03d}.{video_format}")
             jobs.append(EpisodeJob(
                 policy=policy_name, checkpoint_step=step, task=task,
-                task_index=metaworld_tasks.MT50_TASKS.index(task), episode=episode,
+                task_index=task_sets.MT50_TASKS.index(task), episode=episode,
                 layout_seed=layout_seed(task, episode, seed), seed=seed,
-                instruction=metaworld_instructions.instruction(task, instruction_paraphrase), settings=settings,
+                instruction=instructions.instruction(task, instruction_paraphrase), settings=settings,
                 execution=execution, replan_every=replan, ensemble_k=float(ensemble_k), max_steps=max_steps,
                 video_path=video))
     started = time.perf_counter()
@@ -248,7 +249,7 @@ def evaluate(
             "num_workers": num_workers, "camera": settings.cameras[0], "render_size": settings.image_size,
             "policy_image_size": policy_image_size, "horizon": horizon,
             "instruction_paraphrase": instruction_paraphrase,
-            "layout_seed_start": metaworld_tasks.EVAL_LAYOUT_SEED_START,
+            "layout_seed_start": task_sets.EVAL_LAYOUT_SEED_START,
             "video_dir": None if video_dir is None else os.path.abspath(video_dir), "video_episodes": video_episodes,
         },
         "versions": _versions(),

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from vlax.data import metaworld_instructions, metaworld_tasks
+from vlax.envs.metaworld import instructions, task_sets
 
 # The camera pose of the published MT50 protocol (the Masked World Models setting) for ``corner2``.
 PUBLISHED_CORNER2_POSITION = (0.75, 0.075, 0.7)
@@ -72,7 +72,7 @@ def _make_env(task: str, settings: RolloutSettings):
     import mujoco
     from metaworld.policies import ENV_POLICY_MAP
 
-    name = metaworld_tasks.env_name(task)
+    name = task_sets.env_name(task)
     bench = metaworld.MT1(name, seed=0)
     try:
         env = bench.train_classes[name](
@@ -163,9 +163,9 @@ def record_episode(task: str, layout_seed: int, settings: RolloutSettings) -> di
       dict with ``images`` ({camera: list of T encoded frames}), ``state`` [T, 4], ``privileged_state`` [T, 39],
       ``action`` [T, 4] (clipped to [-1, 1]), ``reward`` [T], ``success`` [T] and episode metadata.
     """
-    if layout_seed >= metaworld_tasks.EVAL_LAYOUT_SEED_START:
+    if layout_seed >= task_sets.EVAL_LAYOUT_SEED_START:
         raise ValueError(
-            f"layout seed {layout_seed} is in the evaluation range (>= {metaworld_tasks.EVAL_LAYOUT_SEED_START}); "
+            f"layout seed {layout_seed} is in the evaluation range (>= {task_sets.EVAL_LAYOUT_SEED_START}); "
             "training data must use seeds below it"
         )
     env, policy = ensure_env(task, settings)
@@ -201,13 +201,13 @@ def record_episode(task: str, layout_seed: int, settings: RolloutSettings) -> di
             break
         if truncated:
             break
-    paraphrase = layout_seed % len(metaworld_instructions.INSTRUCTIONS[task])
+    paraphrase = layout_seed % len(instructions.INSTRUCTIONS[task])
     return {
         "task": task,
         "layout_seed": layout_seed,
         "expert_success": first_success is not None,
         "first_success_step": -1 if first_success is None else first_success,
-        "instruction": metaworld_instructions.instruction(task, paraphrase),
+        "instruction": instructions.instruction(task, paraphrase),
         "images": images,
         "state": np.asarray(states, np.float32),
         "privileged_state": np.asarray(privileged, np.float32),
