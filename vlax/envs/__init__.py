@@ -1,0 +1,1 @@
+"""Simulated environments: data generation and closed-loop evaluation, each in a package of its own."""
