@@ -20,13 +20,14 @@ import glob
 import hashlib
 import json
 import os
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
 import tensorflow as tf
 
 from vlax.data import normalization, sources
+from vlax.data.sources import key_list
 
 DEFAULT_DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 DEFAULT_VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
@@ -86,7 +87,8 @@ class LeRobotSource:
       root: the dataset directory (holding ``meta/info.json``).
       image_keys: vlax camera name -> LeRobot feature key (None = missing camera). Default: every video/image
         feature, named by its last dotted part (``observation.images.top`` -> ``top``).
-      state_key / action_key: numeric feature keys (``state_key=None`` reads no state).
+      state_key / action_key: numeric feature keys (``state_key=None`` reads no state); each may be a list of
+        keys, concatenated in the order given.
       predecode_dir: decode each video file once into ``.npy`` arrays here and read those afterwards.
       gripper_last: the last action dim is a gripper (left unnormalized by default).
     """
@@ -97,8 +99,8 @@ class LeRobotSource:
         *,
         name: str | None = None,
         image_keys: Mapping[str, str | None] | None = None,
-        state_key: str | None = "observation.state",
-        action_key: str = "action",
+        state_key: str | Sequence[str] | None = "observation.state",
+        action_key: str | Sequence[str] = "action",
         predecode_dir: str | None = None,
         gripper_last: bool = False,
     ):
@@ -122,13 +124,16 @@ class LeRobotSource:
         visual = [k for k, v in features.items() if v.get("dtype") in ("video", "image")]
         if image_keys is None:
             image_keys = {k.split(".")[-1]: k for k in visual}
-        for key in [k for k in image_keys.values() if k] + [k for k in (state_key, action_key) if k]:
+        self.state_keys, self.action_keys = key_list(state_key), key_list(action_key)
+        if not self.action_keys:
+            raise ValueError(f"LeRobot dataset {root}: action_key names no key")
+        for key in [k for k in image_keys.values() if k] + list(self.state_keys) + list(self.action_keys):
             if key not in features:
                 raise KeyError(f"Feature {key!r} not in LeRobot dataset {root}; available features: {sorted(features)}")
         self.image_keys = dict(image_keys)
         self.state_key, self.action_key = state_key, action_key
-        self.action_dim = int(np.prod(features[action_key]["shape"]))
-        self.state_dim = int(np.prod(features[state_key]["shape"])) if state_key else 0
+        self.action_dim = sum(int(np.prod(features[k]["shape"])) for k in self.action_keys)
+        self.state_dim = sum(int(np.prod(features[k]["shape"])) for k in self.state_keys)
         self.tasks = _read_tasks(root)
         episode_files = sorted(glob.glob(os.path.join(root, "meta", "episodes", "chunk-*", "file-*.parquet")))
         if not episode_files:
@@ -181,15 +186,20 @@ class LeRobotSource:
         if "frame_index" in table.column_names:
             rows = rows[np.argsort(_column_to_numpy(table, "frame_index")[rows], kind="stable")]
         subset = table.take(rows)
-        out = {"action": _column_to_numpy(subset, self.action_key).astype(np.float32)}
-        if self.state_key:
-            out["state"] = _column_to_numpy(subset, self.state_key).astype(np.float32)
+        out = {"action": self._concat(subset, self.action_keys)}
+        if self.state_keys:
+            out["state"] = self._concat(subset, self.state_keys)
         if "task_index" in subset.column_names:
             out["task_index"] = _column_to_numpy(subset, "task_index").astype(np.int64)
         for camera, key in self.image_keys.items():
             if key and self.info["features"][key]["dtype"] == "image":
                 out[f"image_{camera}"] = np.array([c["bytes"] for c in subset.column(key).to_pylist()], object)
         return out
+
+    @staticmethod
+    def _concat(table, keys: tuple[str, ...]) -> np.ndarray:
+        parts = [_column_to_numpy(table, k).astype(np.float32).reshape(table.num_rows, -1) for k in keys]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
 
     def _video_frames(self, episode: dict, key: str, length: int) -> np.ndarray:
         path = self._video_path(episode, key)
@@ -222,7 +232,7 @@ class LeRobotSource:
                 observation[f"image_{camera}"] = rows[f"image_{camera}"]
             else:
                 observation[f"image_{camera}"] = self._video_frames(episode, key, length)
-        if self.state_key:
+        if self.state_keys:
             observation["state"] = rows["state"]
         if "task_index" in rows:
             language = [self.tasks.get(int(i), "") for i in rows["task_index"]]
@@ -242,7 +252,7 @@ class LeRobotSource:
                 observation[f"image_{camera}"] = tf.TensorSpec([None, None, None, 3], tf.uint8)
             else:
                 observation[f"image_{camera}"] = tf.TensorSpec([None], tf.string)
-        if self.state_key:
+        if self.state_keys:
             observation["state"] = tf.TensorSpec([None, self.state_dim], tf.float32)
         return {
             "observation": observation,
@@ -289,10 +299,12 @@ class LeRobotSource:
         with open(path) as f:
             raw = json.load(f)
         stats = {}
-        for name, key in (("action", self.action_key), ("state", self.state_key)):
-            if not key:
+        for name, keys in (("action", self.action_keys), ("state", self.state_keys)):
+            if not keys:
                 continue
-            entry = raw.get(key, {})
+            if len(keys) > 1:  # per-key statistics cannot give the quantiles of a concatenation's dims exactly
+                return None
+            entry = raw.get(keys[0], {})
             if not all(s in entry for s in normalization.STAT_NAMES):
                 return None
             stats[name] = {s: np.asarray(entry[s], np.float64).reshape(-1).tolist() for s in normalization.STAT_NAMES}

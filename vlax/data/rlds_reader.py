@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vlax.data import sources
+from vlax.data.sources import key_list
 
 
 class CorruptedDataError(RuntimeError):
@@ -52,6 +53,17 @@ def _feature_keys(features: Any) -> list[str]:
     return sorted(features.keys()) if hasattr(features, "keys") else []
 
 
+def _last_dim(feature: Any) -> int:
+    shape = tuple(feature.shape)
+    return int(shape[-1]) if shape else 1
+
+
+def _concat(parts: list, length: tf.Tensor) -> tf.Tensor:
+    """Step arrays ``[T, d_i]`` (or scalars ``[T]``) -> ``float32 [T, sum d_i]``."""
+    parts = [tf.reshape(tf.cast(p, tf.float32), [length, -1]) for p in parts]
+    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
+
+
 class RLDSSource:
     """An RLDS dataset (tfds format on disk) as a trajectory source (see :mod:`vlax.data.sources`).
 
@@ -61,7 +73,8 @@ class RLDSSource:
       image_keys: vlax camera name -> observation key (None = the camera is missing here, filled with padding).
         Default: every ``image_*`` observation key under its own name (``image_corner2`` -> camera ``corner2``).
       state_key / action_key / language_key: step keys (``observation/<state_key>``); language may also be an
-        ``episode_metadata`` key. ``state_key=None`` reads no state.
+        ``episode_metadata`` key. ``state_key=None`` reads no state. State and action may each be a list of
+        keys, concatenated in the order given (e.g. ``["joint_pos", "gripper"]``).
       privileged_state_key: an observation key delivered as ``privileged/sim_state`` (never fed to a policy by
         default; None leaves it out).
       ignore_errors: skip unreadable records of corrupted files (the files are scanned, counted and logged)
@@ -77,8 +90,8 @@ class RLDSSource:
         name: str | None = None,
         split: str = "train",
         image_keys: Mapping[str, str | None] | None = None,
-        state_key: str | None = "state",
-        action_key: str = "action",
+        state_key: str | Sequence[str] | None = "state",
+        action_key: str | Sequence[str] = "action",
         language_key: str | None = "language_instruction",
         privileged_state_key: str | None = None,
         gripper_last: bool = True,
@@ -110,17 +123,22 @@ class RLDSSource:
         if image_keys is None:
             image_keys = {k[len("image_") :]: k for k in observation_keys if k.startswith("image_")}
         self.image_keys = dict(image_keys)
+        self.state_keys, self.action_keys = key_list(state_key), key_list(action_key)
+        if not self.action_keys:
+            raise ValueError(f"RLDS dataset {data_dir}: action_key names no key")
         self.state_key, self.action_key = state_key, action_key
         self.language_key, self.privileged_state_key = language_key, privileged_state_key
-        for key in [k for k in self.image_keys.values() if k] + [k for k in (state_key, privileged_state_key) if k]:
+        for key in [k for k in self.image_keys.values() if k] + list(self.state_keys) + (
+                [privileged_state_key] if privileged_state_key else []):
             if key not in observation_keys:
                 raise KeyError(
                     f"Observation key {key!r} not in RLDS dataset {self.name!r}; available observation keys: "
                     f"{observation_keys}"
                 )
         step_keys = _feature_keys(step_features)
-        if action_key not in step_keys:
-            raise KeyError(f"Step key {action_key!r} not in RLDS dataset {self.name!r}; available step keys: {step_keys}")
+        for key in self.action_keys:
+            if key not in step_keys:
+                raise KeyError(f"Step key {key!r} not in RLDS dataset {self.name!r}; available step keys: {step_keys}")
         metadata_keys = _feature_keys(features["episode_metadata"]) if "episode_metadata" in features else []
         if language_key and language_key not in step_keys and language_key not in metadata_keys:
             raise KeyError(
@@ -128,8 +146,8 @@ class RLDSSource:
                 f"episode_metadata keys: {metadata_keys}"
             )
         self._language_in_steps = bool(language_key) and language_key in step_keys
-        self.action_dim = int(step_features[action_key].shape[-1])
-        self.state_dim = int(observation_features[state_key].shape[-1]) if state_key else 0
+        self.action_dim = sum(_last_dim(step_features[k]) for k in self.action_keys)
+        self.state_dim = sum(_last_dim(observation_features[k]) for k in self.state_keys)
         # Images stay encoded through the trajectory transforms and are decoded per frame (only sampled frames).
         self._decoders = {
             "steps": {
@@ -159,12 +177,12 @@ class RLDSSource:
         if self.standardize_fn is not None:
             return self.standardize_fn(episode)
         steps = episode["steps"]
-        length = tf.shape(steps[self.action_key])[0]
+        length = tf.shape(steps[self.action_keys[0]])[0]
         observation = {}
         for camera, key in self.image_keys.items():
             observation[f"image_{camera}"] = steps["observation"][key] if key else tf.fill([length], "")
-        if self.state_key:
-            observation["state"] = tf.cast(steps["observation"][self.state_key], tf.float32)
+        if self.state_keys:
+            observation["state"] = _concat([steps["observation"][k] for k in self.state_keys], length)
         if not self.language_key:
             language = tf.fill([length], "")
         elif self._language_in_steps:
@@ -174,7 +192,7 @@ class RLDSSource:
         traj = {
             "observation": observation,
             "task": {"language_instruction": language},
-            "action": tf.cast(steps[self.action_key], tf.float32),
+            "action": _concat([steps[k] for k in self.action_keys], length),
             "dataset_name": tf.fill([length], self.name),
         }
         if self.privileged_state_key:
@@ -236,7 +254,7 @@ class RLDSSource:
 
         def numeric(traj):
             out = {"action": traj["action"]}
-            if self.state_key:
+            if self.state_keys:
                 out["state"] = traj["observation"]["state"]
             return out
 

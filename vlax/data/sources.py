@@ -109,5 +109,12 @@ def _images(images: Any) -> np.ndarray:
     return np.asarray(images, np.uint8)
 
 
+def key_list(keys: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``None`` -> ``()``, one key -> ``(key,)``, a list -> a tuple."""
+    if not keys:
+        return ()
+    return (keys,) if isinstance(keys, str) else tuple(keys)
+
+
 def hash_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
