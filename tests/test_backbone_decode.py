@@ -160,3 +160,22 @@ def test_cache_overflow_is_refused(models):
     out = model(jnp.zeros((1, 4), jnp.int32), cache_size=5)
     with pytest.raises(ValueError, match=r"cache full: 4 slots used \+ 2 new > cache_size=5"):
         model.decode_step(jnp.zeros((1, 2), jnp.int32), out.cache)
+
+
+def test_cache_overflow_under_jit_is_nan_never_wrong_numbers(models):
+    """Under jit ``cache.end`` is traced, so the overflow cannot raise; the clamped write must not leak finite
+    logits. The step that fits stays finite (and exact), the one that overflows and every later one are NaN."""
+    _, model = models["llama_gqa"]
+    ids = jnp.asarray(np.random.RandomState(7).randint(0, 128, size=(2, 6)), jnp.int32)
+    full = full_logits(model, ids, None, jnp.ones((2, 6), bool), jnp.ones(6, jnp.int32))
+    out = prefill(model, ids[:, :4], None, jnp.ones((2, 4), bool), jnp.ones(4, jnp.int32), cache_size=5)
+    fits = step(model, ids[:, 4:5], out.cache)
+    assert float(jnp.max(jnp.abs(fits.logits - full[:, 4:5]))) <= TOL
+    over = step(model, ids[:, 5:6], fits.cache)   # slot 5 of a 5-slot cache
+    assert bool(jnp.all(jnp.isnan(over.logits))) and bool(jnp.all(jnp.isnan(over.hidden)))
+    later = step(model, ids[:, 5:6], over.cache)
+    assert bool(jnp.all(jnp.isnan(later.logits))) and bool(over.cache.overflows(0))
+    # A multi-token step partly past the end is poisoned whole; one that cannot fit at all raises at trace time.
+    assert bool(jnp.all(jnp.isnan(step(model, ids[:, 4:6], out.cache).logits)))
+    with pytest.raises(ValueError, match=r"cache full: \? slots used \+ 6 new > cache_size=5"):
+        step(model, ids, out.cache)

@@ -174,8 +174,10 @@ class Transformer(nnx.Module):
         attend causally to themselves and to every valid earlier slot. Returns ``logits [B, T, V]``, ``hidden``
         and the updated cache (``end += T``, ``next_position += valid new inputs``). ``input_mask [B, T]`` marks
         new inputs that are padding (they are written but never attended to).
-        Writing past ``cache.max_len`` is refused when ``cache.end`` is concrete; under ``jit`` size the cache
-        so that it cannot happen (the write would be clamped).
+        Writing past ``cache.max_len`` is refused (``ValueError``) when ``cache.end`` is concrete or ``T`` alone
+        exceeds it. Under ``jit`` the write would be clamped onto the last slots, so instead every returned
+        ``logits`` and ``hidden`` value is NaN, for this step and every later one (``end`` keeps counting past
+        ``max_len``): never finite wrong numbers. The check is one scalar compare fused into the output.
         """
         if not isinstance(cache, KVCache):
             raise TypeError(f"cache must be the KVCache returned by a call with cache_size=..., got "
@@ -188,10 +190,8 @@ class Transformer(nnx.Module):
             raise ValueError(f"cache batch {cache.k.shape[1]} != input batch {batch}")
         if cache.num_layers != self.config.depth:
             raise ValueError(f"cache has {cache.num_layers} layers, the model {self.config.depth}")
-        end = _concrete_int(cache.end)
-        if end is not None and end + steps > cache.max_len:
-            raise ValueError(f"cache full: {end} slots used + {steps} new > cache_size={cache.max_len}; "
-                             "build the prefix with a larger cache_size")
+        cache.check_room(steps)
+        overflow = cache.overflows(steps)  # traced under jit: poison rather than return clamped-write results
         new_mask = _check_mask(input_mask, (batch, steps), "input_mask")
         slot_mask = cache.append_mask(new_mask)
         positions = positions_from_mask(new_mask, cache.next_position)
@@ -204,10 +204,12 @@ class Transformer(nnx.Module):
             return h, (k, v)
 
         h, (k, v) = scan_layers(self.layers, body, x, (cache.k, cache.v))
-        hidden = self.norm(h)
+        hidden = jnp.where(overflow, jnp.nan, self.norm(h)).astype(h.dtype)
+        logits = self.logits(hidden)
+        logits = jnp.where(overflow, jnp.nan, logits).astype(logits.dtype)  # whatever the head does with NaN
         new_cache = KVCache(k=k, v=v, mask=slot_mask, end=(cache.end + steps).astype(jnp.int32),
                             next_position=cache.next_position + jnp.sum(new_mask, axis=1, dtype=jnp.int32))
-        return TransformerOutput(hidden=hidden, logits=self.logits(hidden), cache=new_cache)
+        return TransformerOutput(hidden=hidden, logits=logits, cache=new_cache)
 
 
 def _check_mask(mask: jax.Array | None, shape: tuple[int, int], name: str) -> jax.Array:
@@ -217,10 +219,3 @@ def _check_mask(mask: jax.Array | None, shape: tuple[int, int], name: str) -> ja
         raise ValueError(f"{name} must have shape {list(shape)} (batch, inputs), got {list(jnp.shape(mask))}")
     return jnp.asarray(mask, bool)
 
-
-def _concrete_int(x: jax.Array) -> int | None:
-    """``int(x)`` outside of tracing, ``None`` under ``jit`` (where the value is not known)."""
-    try:
-        return int(x)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
-        return None

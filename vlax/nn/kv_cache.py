@@ -19,6 +19,8 @@ class KVCache:
       k, v: ``[L, B, S, K, Dh]`` keys (post-RoPE) and values.
       mask: ``[B, S]`` bool, slots holding a real token.
       end: int32 scalar, the next slot to write (all rows share it; padding is expressed through ``mask``).
+        ``end > max_len`` marks a cache that overflowed (a write past the last slot was clamped, so its contents
+        are no longer trustworthy); see :meth:`overflows`.
       next_position: ``[B]`` int32 position id of the next token of each row.
     """
 
@@ -53,6 +55,31 @@ class KVCache:
             next_position=jnp.sum(mask, axis=1).astype(jnp.int32),
         )
 
+    def overflows(self, steps: int) -> jax.Array:
+        """bool scalar: writing ``steps`` more slots does not fit (or the cache already overflowed earlier).
+
+        Traceable, so a jitted decoder can poison its outputs instead of silently using a clamped write.
+        """
+        return self.end + steps > self.max_len
+
+    def check_room(self, steps: int) -> None:
+        """Raise when ``steps`` new slots cannot fit and that is known without running: ``steps`` alone exceeds
+        ``max_len`` (static), or ``end`` is concrete (eager). Under ``jit`` with a traced ``end`` this is a no-op;
+        pair it with :meth:`overflows`."""
+        end = _concrete_int(self.end)
+        if steps > self.max_len or (end is not None and end + steps > self.max_len):
+            used = "?" if end is None else end
+            raise ValueError(f"cache full: {used} slots used + {steps} new > cache_size={self.max_len}; "
+                             "build the prefix with a larger cache_size")
+
     def append_mask(self, new_mask: jax.Array) -> jax.Array:
         """Slot mask ``[B, S]`` after writing ``new_mask [B, T]`` at ``end`` (what the new tokens may see)."""
         return jax.lax.dynamic_update_slice(self.mask, jnp.asarray(new_mask, bool), (0, self.end))
+
+
+def _concrete_int(x: jax.Array) -> int | None:
+    """``int(x)`` outside of tracing, ``None`` under ``jit`` (where the value is not known)."""
+    try:
+        return int(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        return None
