@@ -3,6 +3,7 @@ matching values, through direct decoding and through pre-decoded arrays, and fee
 
 import json
 import os
+import shutil
 
 import av
 import numpy as np
@@ -192,3 +193,73 @@ def test_bad_inputs(lerobot_dataset, tmp_path):
     (old / "meta" / "info.json").write_text(json.dumps({"codebase_version": "v2.1"}))
     with pytest.raises(ValueError, match="LeRobot v2.1 dataset; this reader reads v3"):
         LeRobotSource(str(old))
+
+
+@pytest.fixture
+def damaged(lerobot_dataset, tmp_path):
+    """A private copy of the tiny dataset, to delete or corrupt files in."""
+    root = str(tmp_path / "copy")
+    shutil.copytree(lerobot_dataset[0], root)
+    return root
+
+
+VIDEO_1 = os.path.join("videos", "observation.images.top", "chunk-000", "file-001.mp4")
+DATA_1 = os.path.join("data", "chunk-000", "file-001.parquet")
+
+
+@pytest.mark.parametrize("predecode", [False, True])
+def test_missing_video_names_file_and_episode(damaged, tmp_path, predecode):
+    os.remove(os.path.join(damaged, VIDEO_1))
+    source = LeRobotSource(damaged, predecode_dir=str(tmp_path / "decoded") if predecode else None)
+    source.load_episode(0)  # episodes of the other video file still load
+    with pytest.raises(FileNotFoundError, match=r"episode 2 \(camera 'observation.images.top'\): Video .*"
+                                                r"file-001.mp4 is missing; re-download"):
+        source.load_episode(2)
+
+
+def test_damaged_video_names_file_and_episode(damaged):
+    path = os.path.join(damaged, VIDEO_1)
+    with open(path, "r+b") as f:  # same size, garbage bytes
+        f.write(np.random.default_rng(0).bytes(os.path.getsize(path)))
+    with pytest.raises(ValueError, match=r"episode 2 \(camera 'observation.images.top'\): Video .*file-001.mp4"):
+        LeRobotSource(damaged).load_episode(2)
+
+
+def test_missing_or_damaged_parquet_names_file_and_episode(damaged):
+    os.remove(os.path.join(damaged, DATA_1))
+    source = LeRobotSource(damaged)
+    with pytest.raises(FileNotFoundError, match=r"episode 2 \(its frames\): .*file-001.parquet is missing"):
+        source.load_episode(2)
+    # Through tf.data (what the pipeline iterates) the message survives TF's wrapping of the generator error.
+    with pytest.raises(Exception, match=r"episode 2 \(its frames\): .*file-001.parquet is missing"):
+        list(source.trajectories(0, 1, shuffle=False).as_numpy_iterator())
+    with open(os.path.join(damaged, DATA_1), "wb") as f:
+        f.write(b"not parquet at all")
+    with pytest.raises(ValueError, match=r"episode 2 \(its frames\): .*file-001.parquet is not a readable parquet"):
+        LeRobotSource(damaged).load_episode(2)
+
+
+def test_missing_or_incomplete_tasks_file(damaged):
+    tasks = os.path.join(damaged, "meta", "tasks.parquet")
+    pq.write_table(pa.table({"task_index": [0], "task": TASKS[:1]}), tasks)
+    source = LeRobotSource(damaged)
+    source.load_episode(0)
+    with pytest.raises(KeyError, match=r"episode 1 uses task_index \[1\], which .*tasks.parquet does not list"):
+        source.load_episode(1)  # was: an empty instruction, silently
+    os.remove(tasks)
+    with pytest.raises(FileNotFoundError, match=r"task_index -> instruction.*meta/tasks.parquet is missing"):
+        LeRobotSource(damaged)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", r"info.json is not valid JSON"),
+    ("[1, 2]", r"info.json must hold a JSON object"),
+    (json.dumps({"codebase_version": "v3.0", "features": {}}), r"info.json is malformed: 'fps' is missing"),
+    (json.dumps({"codebase_version": "v3.0", "fps": 10, "features": {"action": {"shape": [2]}}}),
+     r"info.json is malformed: features \['action'\] lack 'dtype' or 'shape'"),
+])
+def test_malformed_info_json_names_the_file(damaged, content, message):
+    with open(os.path.join(damaged, "meta", "info.json"), "w") as f:
+        f.write(content)
+    with pytest.raises(ValueError, match=message):
+        LeRobotSource(damaged)

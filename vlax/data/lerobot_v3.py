@@ -41,22 +41,65 @@ def _column_to_numpy(table, name: str) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False)
 
 
+_REFETCH = "re-download the dataset (or re-run its LeRobot conversion) so that the file is complete"
+
+
+def _read_parquet(path: str, what: str):
+    """``pq.read_table(path)``, with a missing or unreadable file named together with ``what`` needed it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what}: {path} is missing; {_REFETCH}")
+    try:
+        return pq.read_table(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise ValueError(f"{what}: {path} is not a readable parquet file ({e}); {_REFETCH}") from None
+
+
+def _read_info(root: str) -> dict[str, Any]:
+    path = os.path.join(root, "meta", "info.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No LeRobot dataset in {root!r}: meta/info.json is missing")
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {_REFETCH}") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path} must hold a JSON object (fps, features, ...), got {type(info).__name__}; "
+                         f"{_REFETCH}")
+    return info
+
+
+def _check_info(info: dict[str, Any], path: str) -> None:
+    """The fields this reader relies on, checked once so that a malformed file is named rather than a KeyError."""
+    problems = [f"'{k}' is missing" for k in ("fps", "features") if k not in info]
+    if "fps" in info and not (isinstance(info["fps"], (int, float)) and info["fps"] > 0):
+        problems.append(f"'fps' must be a positive number, got {info['fps']!r}")
+    features = info.get("features", {})
+    if not isinstance(features, dict) or not all(isinstance(v, dict) for v in features.values()):
+        problems.append("'features' must map each feature key to an object with 'dtype' and 'shape'")
+    else:
+        bad = sorted(k for k, v in features.items() if "dtype" not in v or "shape" not in v)
+        if bad:
+            problems.append(f"features {bad} lack 'dtype' or 'shape'")
+    if problems:
+        raise ValueError(f"{path} is malformed: {'; '.join(problems)}; {_REFETCH}")
+
+
 def _read_tasks(root: str) -> dict[int, str]:
-    table = pq.read_table(os.path.join(root, "meta", "tasks.parquet"))
+    path = os.path.join(root, "meta", "tasks.parquet")
+    table = _read_parquet(path, f"LeRobot dataset {root} (task_index -> instruction of every episode)")
     names = table.column_names
     text_column = next((c for c in ("task", "__index_level_0__") if c in names), None)
     if text_column is None or "task_index" not in names:
-        raise KeyError(f"meta/tasks.parquet needs 'task_index' and a 'task' column or index; it has {names}")
+        raise KeyError(f"{path} needs 'task_index' and a 'task' column or index; it has {names}")
     return dict(zip(table.column("task_index").to_pylist(), table.column(text_column).to_pylist()))
 
 
 def decode_video_frames(path: str, first_frame: int, count: int, fps: float) -> np.ndarray:
     """Decodes frames ``first_frame .. first_frame + count - 1`` (by timestamp) of a video -> uint8 [count, H, W, 3]."""
-    import av
-
     frames: list[np.ndarray | None] = [None] * count
     start_time = first_frame / fps
-    with av.open(path) as container:
+    with _open_video(path) as container:
         stream = container.streams.video[0]
         if first_frame > 0:
             container.seek(int(start_time / stream.time_base), stream=stream, backward=True, any_frame=False)
@@ -73,10 +116,19 @@ def decode_video_frames(path: str, first_frame: int, count: int, fps: float) -> 
     return np.stack(frames)
 
 
-def _decode_all(path: str) -> np.ndarray:
+def _open_video(path: str):
     import av
 
-    with av.open(path) as container:
+    try:
+        return av.open(path)
+    except av.error.FileNotFoundError:
+        raise FileNotFoundError(f"Video {path} is missing") from None
+    except av.error.FFmpegError as e:
+        raise ValueError(f"Video {path} cannot be opened ({e})") from None
+
+
+def _decode_all(path: str) -> np.ndarray:
+    with _open_video(path) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
@@ -104,17 +156,14 @@ class LeRobotSource:
         predecode_dir: str | None = None,
         gripper_last: bool = False,
     ):
-        info_path = os.path.join(root, "meta", "info.json")
-        if not os.path.exists(info_path):
-            raise FileNotFoundError(f"No LeRobot dataset in {root!r}: meta/info.json is missing")
-        with open(info_path) as f:
-            self.info = json.load(f)
+        self.info = _read_info(root)
         version = str(self.info.get("codebase_version", ""))
         if not version.startswith("v3"):
             raise ValueError(
                 f"{root} is a LeRobot {version or 'unknown-version'} dataset; this reader reads v3.x (convert older "
                 "datasets with LeRobot's v2.1 -> v3.0 converter)"
             )
+        _check_info(self.info, os.path.join(root, "meta", "info.json"))
         self.root = root
         self.name = name or os.path.basename(os.path.normpath(root))
         self.fps = float(self.info["fps"])
@@ -140,19 +189,33 @@ class LeRobotSource:
             raise FileNotFoundError(f"No episode metadata under {root}/meta/episodes/chunk-*/file-*.parquet")
         self.episodes: list[dict[str, Any]] = []
         for path in episode_files:
-            table = pq.read_table(path)
+            table = _read_parquet(path, f"LeRobot dataset {root} (episode metadata)")
             columns = [c for c in table.column_names if not c.startswith("stats/")]
             self.episodes.extend(table.select(columns).to_pylist())
+        for row in self.episodes:
+            if "episode_index" not in row:
+                raise KeyError(f"episode metadata under {root}/meta/episodes has no 'episode_index' column; "
+                               f"{_REFETCH}")
         self.episodes.sort(key=lambda e: e["episode_index"])
         self.files: list[str] = []
         self._tables: dict[str, Any] = {}
 
     # --- files -------------------------------------------------------------------------------------------------
+    def _where(self, episode: dict) -> str:
+        return f"LeRobot dataset {self.root}, episode {episode.get('episode_index')}"
+
+    def _field(self, episode: dict, name: str) -> Any:
+        if episode.get(name) is None:
+            raise KeyError(f"{self._where(episode)}: the episode metadata (meta/episodes) has no {name!r}; "
+                           f"{_REFETCH}")
+        return episode[name]
+
     def _data_path(self, episode: dict) -> str:
         template = self.info.get("data_path", DEFAULT_DATA_PATH)
         return os.path.join(
             self.root,
-            template.format(chunk_index=episode["data/chunk_index"], file_index=episode["data/file_index"]),
+            template.format(chunk_index=self._field(episode, "data/chunk_index"),
+                            file_index=self._field(episode, "data/file_index")),
         )
 
     def _video_path(self, episode: dict, key: str) -> str:
@@ -161,16 +224,16 @@ class LeRobotSource:
             self.root,
             template.format(
                 video_key=key,
-                chunk_index=episode[f"videos/{key}/chunk_index"],
-                file_index=episode[f"videos/{key}/file_index"],
+                chunk_index=self._field(episode, f"videos/{key}/chunk_index"),
+                file_index=self._field(episode, f"videos/{key}/file_index"),
             ),
         )
 
-    def _table(self, path: str):
+    def _table(self, path: str, episode: dict):
         if path not in self._tables:
             if len(self._tables) > 4:
                 self._tables.pop(next(iter(self._tables)))
-            self._tables[path] = pq.read_table(path)
+            self._tables[path] = _read_parquet(path, f"{self._where(episode)} (its frames)")
         return self._tables[path]
 
     def fingerprint(self) -> str:
@@ -180,9 +243,14 @@ class LeRobotSource:
 
     # --- reading -----------------------------------------------------------------------------------------------
     def _episode_rows(self, episode: dict) -> dict[str, np.ndarray]:
-        table = self._table(self._data_path(episode))
+        path = self._data_path(episode)
+        table = self._table(path, episode)
+        if "episode_index" not in table.column_names:
+            raise KeyError(f"{self._where(episode)}: {path} has no 'episode_index' column; {_REFETCH}")
         episode_column = _column_to_numpy(table, "episode_index")
         rows = np.flatnonzero(episode_column == episode["episode_index"])
+        if len(rows) == 0:  # an empty trajectory would be silently dropped by the pipeline
+            raise ValueError(f"{self._where(episode)}: {path} holds no frames of this episode; {_REFETCH}")
         if "frame_index" in table.column_names:
             rows = rows[np.argsort(_column_to_numpy(table, "frame_index")[rows], kind="stable")]
         subset = table.take(rows)
@@ -203,9 +271,21 @@ class LeRobotSource:
 
     def _video_frames(self, episode: dict, key: str, length: int) -> np.ndarray:
         path = self._video_path(episode, key)
-        first = int(round(float(episode[f"videos/{key}/from_timestamp"]) * self.fps))
+        first = int(round(float(self._field(episode, f"videos/{key}/from_timestamp")) * self.fps))
+        import av
+
+        try:
+            return self._read_video(path, first, length)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{self._where(episode)} (camera {key!r}): {e}; {_REFETCH}") from None
+        except (ValueError, av.error.FFmpegError) as e:  # a damaged stream fails while decoding, not opening
+            raise ValueError(f"{self._where(episode)} (camera {key!r}): {e}; {_REFETCH}") from None
+
+    def _read_video(self, path: str, first: int, length: int) -> np.ndarray:
         if self.predecode_dir is None:
             return decode_video_frames(path, first, length, self.fps)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"Video {path} is missing")
         stat = os.stat(path)
         tag = hashlib.sha256(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
         cached = os.path.join(self.predecode_dir, f"{tag}.npy")
@@ -235,7 +315,12 @@ class LeRobotSource:
         if self.state_keys:
             observation["state"] = rows["state"]
         if "task_index" in rows:
-            language = [self.tasks.get(int(i), "") for i in rows["task_index"]]
+            unknown = sorted({int(i) for i in rows["task_index"]} - set(self.tasks))
+            if unknown:  # an empty instruction would train silently on the wrong prompt
+                raise KeyError(f"{self._where(episode)} uses task_index {unknown}, which "
+                               f"{os.path.join(self.root, 'meta', 'tasks.parquet')} does not list "
+                               f"(it lists {sorted(self.tasks)}); {_REFETCH}")
+            language = [self.tasks[int(i)] for i in rows["task_index"]]
         else:
             language = [(episode.get("tasks") or [""])[0]] * length
         return {
@@ -285,6 +370,10 @@ class LeRobotSource:
                     return
 
         return tf.data.Dataset.from_generator(generate, output_signature=self._signature())
+
+    def instructions(self) -> list[str]:
+        """Every task string of the dataset (for building a word vocabulary)."""
+        return sorted(set(self.tasks.values()))
 
     def numeric_trajectories(self) -> Iterator[dict[str, np.ndarray]]:
         for episode in self.episodes:
