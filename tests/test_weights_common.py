@@ -182,3 +182,38 @@ def test_tensor_names_reads_headers_only(tmp_path):
     from vlax.weights.common import tensor_names
 
     assert tensor_names(tmp_path) == sorted(_torch_tensors())
+
+
+def test_malformed_config_json_is_named(tmp_path):
+    _write_dir(tmp_path, {"w": torch.zeros(2)})
+    (tmp_path / "config.json").write_text('{"architectures": ["TinyModel"],')
+    with pytest.raises(CheckpointError, match=r"config.json is not valid JSON .*model configuration is damaged; "
+                                              r"download it again") as info:
+        load_hf_dir(tmp_path)
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # one error, no JSON traceback
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=r"config.json must hold a JSON object, got list"):
+        load_hf_dir(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # safetensors' reader and the memmap path
+@pytest.mark.parametrize("keep", ["4 bytes", "half header", "half data", "all but one byte"])
+def test_truncated_safetensors_is_named(tmp_path, dtype, keep):
+    _write_dir(tmp_path, {"a": torch.ones(64, dtype=dtype), "b": torch.ones(8, dtype=dtype)})
+    file = tmp_path / "model.safetensors"
+    data = file.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    cut = {"4 bytes": 4, "half header": header_end // 2, "half data": (header_end + len(data)) // 2,
+           "all but one byte": len(data) - 1}[keep]
+    file.write_bytes(data[:cut])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is not a complete .safetensors file: .*; "
+                                              r"download it again") as info:
+        load_hf_dir(tmp_path)
+    assert info.value.__cause__ is None
+
+
+def test_damaged_shard_index_is_named(tmp_path):
+    _write_dir(tmp_path, {n: t for n, t in _torch_tensors().items()}, shards=2)
+    (tmp_path / "model.safetensors.index.json").write_text("{\"weight_map\": ")
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json is not valid JSON .*shard index"):
+        load_hf_dir(tmp_path)

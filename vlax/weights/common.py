@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
@@ -43,6 +43,23 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as asked; the message names the offending file, key or value."""
 
 
+_REFETCH = ("download it again from the original checkpoint (an interrupted download or copy leaves a truncated "
+            "or partial file)")
+
+
+def _read_json_object(file: Path, what: str) -> dict:
+    """A JSON object file; a syntax error or a non-object names the file instead of a bare JSON traceback."""
+    try:
+        with open(file) as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}): the {what} is damaged; {_REFETCH}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, got {type(value).__name__}: the {what} is "
+                              f"damaged; {_REFETCH}")
+    return value
+
+
 # --------------------------------------------------------------------------------------------- reading files
 
 
@@ -51,8 +68,7 @@ def read_config(path: str | Path) -> dict:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise CheckpointError(f"{file} not found: a Hugging Face checkpoint directory needs a {CONFIG_NAME}")
-    with open(file) as f:
-        return json.load(f)
+    return _read_json_object(file, "model configuration")
 
 
 def safetensors_files(path: str | Path) -> list[Path]:
@@ -96,8 +112,7 @@ def _pickle_message(files: Sequence[Path]) -> str:
 
 
 def _files_from_index(index: Path) -> list[Path]:
-    with open(index) as f:
-        weight_map = json.load(f).get("weight_map")
+    weight_map = _read_json_object(index, "shard index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index} has no 'weight_map'")
     files = [index.parent / name for name in sorted(set(weight_map.values()))]
@@ -120,10 +135,39 @@ _EXTRA_DTYPES = {
 
 
 def _header(file: Path) -> tuple[dict, int]:
+    """``(tensor entries, data start)`` of a ``.safetensors`` file, checked against the file's size.
+
+    A truncated file (the usual result of an interrupted download) is caught here from a ``stat`` and the header
+    alone, before any tensor is read, so it never surfaces as a library error halfway through loading.
+    """
+    if not file.is_file():
+        raise CheckpointError(f"weights file {file} does not exist")
+    total = file.stat().st_size
+
+    def damaged(why: str) -> CheckpointError:
+        return CheckpointError(f"{file} is not a complete .safetensors file: {why}; {_REFETCH}")
+
     with open(file, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+        head = f.read(8)
+        if len(head) < 8:
+            raise damaged(f"it has {total} bytes, fewer than the 8-byte header length")
+        (size,) = struct.unpack("<Q", head)
+        if 8 + size > total:
+            raise damaged(f"its header claims {size} bytes but the file has only {total}")
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise damaged(f"its header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise damaged("its header is not a JSON object")
     header.pop("__metadata__", None)
+    entries = list(header.values())
+    if not all(isinstance(e, dict) and {"dtype", "shape", "data_offsets"} <= e.keys()
+               and isinstance(e["data_offsets"], list) and len(e["data_offsets"]) == 2 for e in entries):
+        raise damaged("a header entry lacks 'dtype', 'shape' or 'data_offsets [start, end]'")
+    needed = 8 + size + max((int(e["data_offsets"][1]) for e in entries), default=0)
+    if needed > total:
+        raise damaged(f"it is truncated: its header describes {needed} bytes, the file has {total}")
     return header, 8 + size
 
 
@@ -145,10 +189,13 @@ def read_safetensors(
         names = [n for n in header if select is None or select(n)]
         extra = {n for n in names if header[n]["dtype"] in _EXTRA_DTYPES}
         if len(extra) < len(names):
-            with safe_open(str(file), framework="np") as handle:
-                for n in names:
-                    if n not in extra:
-                        out[n] = handle.get_tensor(n)
+            try:
+                with safe_open(str(file), framework="np") as handle:
+                    for n in names:
+                        if n not in extra:
+                            out[n] = handle.get_tensor(n)
+            except SafetensorError as e:  # damage the size check above cannot see (e.g. overlapping offsets)
+                raise CheckpointError(f"{file} is not a readable .safetensors file ({e}); {_REFETCH}") from None
         if extra:
             raw = np.memmap(file, dtype=np.uint8, mode="r")
             for n in extra:
