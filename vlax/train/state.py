@@ -10,12 +10,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlax.train.optimizer import ema_update
-from vlax.train.sharding import state_shardings
+from vlax.train.sharding import DEFAULT_RULES, FSDP_MIN_BYTES, spec_for, state_shardings
 
 LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
 
@@ -42,7 +43,9 @@ def place(tree: Any, shardings: Any) -> Any:
 
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, rng: jax.Array, *,
                        mesh: Mesh | None = None, use_ema: bool = False) -> tuple[nnx.GraphDef, TrainState, Any]:
-    """``(graphdef, state, state_shardings)``; with a mesh, parameters are placed by the logical-axis rules."""
+    """``(graphdef, state, state_shardings)`` from a model already built on the host; with a mesh, parameters are
+    placed by the logical-axis rules. For models that should never exist whole on one host (anything large, any
+    multi-host run) use :func:`create_train_state_sharded`, which builds them in place."""
     graphdef, params, rest = split_model(model)
     if mesh is not None:
         params = place(params, state_shardings(params, mesh))
@@ -61,6 +64,63 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, rng:
         state = state.replace(step=place(state.step, replicated), rng=place(rng, replicated))
     shardings = jax.tree.map(lambda x: x.sharding, state) if mesh is not None else None
     return graphdef, state, shardings
+
+
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)
+
+
+def abstract_shardings(tree: Any, mesh: Mesh, *, rules=DEFAULT_RULES, fsdp_min_bytes: int = FSDP_MIN_BYTES) -> Any:
+    """``NamedSharding`` per leaf of an abstract (or concrete) state tree: variables by their logical axes
+    (:func:`vlax.train.sharding.state_shardings`); other arrays (optimizer leaves that lost their variable) by FSDP
+    alone; scalars, RNG keys and anything small replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            if _is_key(x.get_value()):
+                return x.replace(replicated)
+            return state_shardings(x, mesh, rules=rules, fsdp_min_bytes=fsdp_min_bytes)
+        if not hasattr(x, "shape") or _is_key(x) or not np.shape(x):
+            return replicated
+        spec = spec_for(x.shape, [None] * len(x.shape), mesh, rules=rules, itemsize=np.dtype(x.dtype).itemsize,
+                        fsdp_min_bytes=fsdp_min_bytes)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_train_state_sharded(build_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation,
+                               rng: jax.Array, *, mesh: Mesh | None = None, use_ema: bool = False,
+                               rules=DEFAULT_RULES, fsdp_min_bytes: int = FSDP_MIN_BYTES,
+                               ) -> tuple[nnx.GraphDef, TrainState, Any]:
+    """``(graphdef, state, state_shardings)`` with every array created directly in its sharding.
+
+    ``build_fn() -> nnx.Module`` builds the model (it must create its own ``nnx.Rngs`` from a fixed seed, so the
+    values do not depend on the layout). The model is first built abstractly (``nnx.eval_shape``: shapes and
+    logical axes only), the layout is computed from that, then ONE ``jax.jit`` with ``out_shardings`` builds the
+    module, splits it, and initialises the optimizer state and EMA: each device computes only its shards, no host
+    ever holds the whole tree, and every process of a multi-host run executes the same program on the global mesh.
+    With ``mesh=None`` the same jit runs on the default device.
+    """
+    typed = _is_key(rng)
+    # A host constant, not an argument: every process passes the same numbers, no cross-host input placement.
+    rng_data = np.asarray(jax.random.key_data(rng) if typed else rng)
+    impl = jax.random.key_impl(rng) if typed else None
+
+    def init() -> TrainState:
+        _, params, rest = split_model(build_fn())
+        key = jax.random.wrap_key_data(rng_data, impl=impl) if typed else jnp.asarray(rng_data)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params),
+                          rng=key, ema=jax.tree.map(jnp.copy, params) if use_ema else None)
+
+    graphdef = split_model(nnx.eval_shape(build_fn))[0]
+    if mesh is None:
+        return graphdef, jax.jit(init)(), None
+    abstract = jax.eval_shape(init)
+    shardings = abstract_shardings(abstract, mesh, rules=rules, fsdp_min_bytes=fsdp_min_bytes)
+    state = jax.jit(init, out_shardings=shardings)()
+    return graphdef, state, jax.tree.map(lambda x: x.sharding, state)
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation, *,
