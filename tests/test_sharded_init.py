@@ -113,3 +113,23 @@ def test_finetune_transplant_lands_on_the_policys_shardings(setup):
     copy = jax.tree.map(lambda x: x, state.params)  # a fresh State: the fixture's stays as initialised
     nnx.replace_by_pure_dict(copy, params)  # how the trainer installs them
     assert _flat(copy)["['backbone']['embed_tokens']['embedding'].value"] is params["backbone"]["embed_tokens"]["embedding"]
+
+
+def test_published_size_policy_estimates_abstractly_in_seconds():
+    """OpenVLA's layout (Llama-2-7B on DINOv2 + SigLIP) is built abstractly: Llama-2-7B's published count, and a
+    per-device state that is the parameters split over the mesh (Adam's two float32 moments, EMA, gradients)."""
+    import time
+
+    from experiments.estimate_memory import backbone_params, estimate, openvla_model, report
+
+    start = time.perf_counter()
+    model, spec, vocab = openvla_model()
+    result = estimate(model, spec, vocab, fsdp=4, tensor=2, use_ema=True)
+    assert time.perf_counter() - start < 60  # abstract: seconds, nothing allocated
+    assert result["components"]["backbone"] == backbone_params("llama2_7b") == 6_738_415_616
+    assert result["num_params"] > 7.4e9
+    d, total = result["per_device_bytes"], result["total_bytes"]
+    assert total["params"] == 4 * result["num_params"]  # float32 parameters
+    assert total["params"] / 8 <= d["params"] < 1.01 * total["params"] / 8  # split 8 ways, little replicated
+    assert abs(d["optimizer"] - 2 * d["params"]) < 1024 and d["ema"] == d["params"] == d["gradients"]
+    assert "GiB" in report(result, 16)
