@@ -105,3 +105,29 @@ def test_stats_are_cached_by_dataset_hash_and_keys(tmp_path):
     normalization.load_or_compute_stats(str(tmp_path), "hash2", ("action",), compute)
     normalization.load_or_compute_stats(str(tmp_path), "hash1", ("action", "state"), lambda: {**a, "state": a["action"]})
     assert len(calls) == 2
+
+
+def test_artifact_hash_is_mandatory_and_errors_name_the_source(tmp_path):
+    artifact, _, _ = _artifact()
+    data = artifact.to_dict()
+    assert NormalizationArtifact.from_dict(json.loads(json.dumps(data))) == artifact  # what checkpoints store
+    where = "checkpoint step 500, normalization item under runs/x/checkpoints/500"
+    incomplete = {k: v for k, v in data.items() if k != "artifact_hash"}
+    with pytest.raises(normalization.IncompleteArtifactError,
+                       match=rf"artifact \({where}\) is incomplete: it has no \['artifact_hash'\].*start a new "
+                             r"workdir"):
+        NormalizationArtifact.from_dict(incomplete, source=where)
+    with pytest.raises(NormalizationMismatchError, match=r"is incomplete: it has no \['stats', 'artifact_hash'\]"):
+        NormalizationArtifact.from_dict({k: v for k, v in incomplete.items() if k != "stats"})
+    with pytest.raises(NormalizationMismatchError, match=rf"artifact \({where}\) is corrupted"):
+        NormalizationArtifact.from_dict({**data, "dataset_name": "renamed"}, source=where)
+
+    other = _artifact(dataset_hash="other")[0]
+    with pytest.raises(NormalizationMismatchError,
+                       match=rf"'dataset_hash' differs: recorded 'abc', offered 'other' \(recorded artifact: "
+                             rf"{where}\)\. Use the normalization artifact recorded with the checkpoint"):
+        normalization.check_compatible(artifact, other, source=where)
+    with pytest.raises(NormalizationMismatchError, match=r"'stats.action.mean' differs.*recorded artifact: file .*"
+                                                         r"norm.json\)\..*fine-tuning"):
+        artifact.save(str(tmp_path / "norm.json"))
+        NormalizationArtifact.load(str(tmp_path / "norm.json"), expected=_artifact(seed=1)[0])

@@ -3,8 +3,11 @@
 An artifact records the normalization ``type`` (``normal``: z-score, ``bounds``: [q01, q99] -> [-1, 1], ``none``),
 the ``keys`` in order (``action``, ``state``), a per-dimension ``masks`` (True = normalized; grippers usually
 False), the ``padded_dims`` the model sees, the ``stats`` (mean, std, min, max, q01, q99, count per dimension) and the
-``dataset_hash`` of the data they came from. ``artifact_hash`` covers all of it. A checkpoint saves its artifact;
-loading data whose artifact differs is an error that names the field.
+``dataset_hash`` of the data they came from. ``artifact_hash`` covers all of it and must be present when an
+artifact is read back (:meth:`NormalizationArtifact.from_dict`), so a truncated or hand-built dict is refused. A
+checkpoint saves its artifact; loading data whose artifact differs is an error that names the field and, given
+``source=`` (e.g. ``"checkpoint step 500, normalization item under runs/x/checkpoints/500"``), where the recorded
+artifact came from.
 """
 
 from __future__ import annotations
@@ -25,6 +28,21 @@ EPSILON = 1e-8
 
 class NormalizationMismatchError(ValueError):
     """The normalization a model was trained with differs from the one offered now."""
+
+
+class IncompleteArtifactError(NormalizationMismatchError):
+    """An artifact dict lacks fields (``artifact_hash`` included) that :meth:`NormalizationArtifact.to_dict`
+    writes; a subclass of :class:`NormalizationMismatchError` so that one ``except`` catches both."""
+
+
+REQUIRED_FIELDS = ("type", "keys", "masks", "padded_dims", "stats", "dataset_hash", "artifact_hash")
+_WHAT_TO_DO = ("Use the normalization artifact recorded with the checkpoint (its 'normalization' item), or, to "
+               "train with the new normalization, start a new workdir (fine-tuning from the checkpoint's weights "
+               "if wanted) so that a fresh artifact is computed and recorded.")
+
+
+def _from(source: str | None) -> str:
+    return f" ({source})" if source else ""
 
 
 def compute_statistics(arrays: dict[str, Iterable[np.ndarray]]) -> dict[str, dict[str, Any]]:
@@ -105,7 +123,26 @@ class NormalizationArtifact:
             json.dump(self.to_dict(), f, indent=1)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "NormalizationArtifact":
+    def from_dict(cls, data: dict[str, Any], source: str | None = None) -> "NormalizationArtifact":
+        """The artifact of a :meth:`to_dict` dict (e.g. a checkpoint's ``normalization`` item).
+
+        Every field :meth:`to_dict` writes is required, ``artifact_hash`` included, and the hash must match the
+        contents. ``source`` says where ``data`` came from; errors name it.
+
+        Raises:
+          IncompleteArtifactError: a field is missing.
+          NormalizationMismatchError: the stored ``artifact_hash`` does not match the contents.
+        """
+        if not isinstance(data, dict):
+            raise IncompleteArtifactError(f"Normalization artifact{_from(source)} must be a dict written by "
+                                          f"NormalizationArtifact.to_dict(), got {type(data).__name__}")
+        missing = [f for f in REQUIRED_FIELDS if f not in data]
+        if missing:
+            raise IncompleteArtifactError(
+                f"Normalization artifact{_from(source)} is incomplete: it has no {missing} (it has "
+                f"{sorted(data)}); an artifact is written whole by NormalizationArtifact.to_dict(), with "
+                f"artifact_hash last. {_WHAT_TO_DO}"
+            )
         artifact = cls(
             type=data["type"],
             keys=tuple(data["keys"]),
@@ -115,20 +152,24 @@ class NormalizationArtifact:
             dataset_hash=data["dataset_hash"],
             dataset_name=data.get("dataset_name", ""),
         )
-        if "artifact_hash" in data and data["artifact_hash"] != artifact.artifact_hash:
+        if data["artifact_hash"] != artifact.artifact_hash:
             raise NormalizationMismatchError(
-                f"Normalization artifact is corrupted: stored artifact_hash {data['artifact_hash']} does not match "
-                f"its contents ({artifact.artifact_hash})"
+                f"Normalization artifact{_from(source)} is corrupted: stored artifact_hash {data['artifact_hash']} "
+                f"does not match its contents ({artifact.artifact_hash}); it was edited or damaged after it was "
+                f"written. {_WHAT_TO_DO}"
             )
         return artifact
 
     @classmethod
-    def load(cls, path: str, expected: "NormalizationArtifact | None" = None) -> "NormalizationArtifact":
-        """Loads an artifact; with ``expected``, raises :class:`NormalizationMismatchError` if they differ."""
+    def load(cls, path: str, expected: "NormalizationArtifact | None" = None,
+             source: str | None = None) -> "NormalizationArtifact":
+        """Loads an artifact; with ``expected``, raises :class:`NormalizationMismatchError` if they differ.
+        ``source`` (default: the file) is named in errors."""
+        source = source or f"file {path}"
         with open(path) as f:
-            artifact = cls.from_dict(json.load(f))
+            artifact = cls.from_dict(json.load(f), source=source)
         if expected is not None:
-            check_compatible(artifact, expected)
+            check_compatible(artifact, expected, source=source)
         return artifact
 
     def _scale_shift(self, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -175,15 +216,16 @@ def _hash(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_compatible(saved: NormalizationArtifact, current: NormalizationArtifact) -> None:
+def check_compatible(saved: NormalizationArtifact, current: NormalizationArtifact,
+                     source: str | None = None) -> None:
     """Raises :class:`NormalizationMismatchError` naming the first differing field (type, keys, masks, padded
-    dims, dataset hash, statistics)."""
+    dims, dataset hash, statistics) and, if given, the ``source`` of the recorded artifact ``saved``."""
+    recorded = f" (recorded artifact: {source})" if source else ""
     for field in ("type", "keys", "masks", "padded_dims", "dataset_hash"):
         a, b = getattr(saved, field), getattr(current, field)
         if a != b:
             raise NormalizationMismatchError(
-                f"Normalization field {field!r} differs: recorded {a!r}, offered {b!r}. Use the recorded "
-                "normalization artifact (saved with the checkpoint) or retrain."
+                f"Normalization field {field!r} differs: recorded {a!r}, offered {b!r}{recorded}. {_WHAT_TO_DO}"
             )
     for key in saved.keys:
         for stat in STAT_NAMES:
@@ -192,7 +234,7 @@ def check_compatible(saved: NormalizationArtifact, current: NormalizationArtifac
             if a.shape != b.shape or not np.allclose(a, b, rtol=1e-6, atol=1e-7):
                 raise NormalizationMismatchError(
                     f"Normalization field 'stats.{key}.{stat}' differs: recorded {a.tolist()}, offered "
-                    f"{b.tolist()}. Use the recorded normalization artifact (saved with the checkpoint) or retrain."
+                    f"{b.tolist()}{recorded}. {_WHAT_TO_DO}"
                 )
 
 
