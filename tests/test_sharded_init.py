@@ -5,7 +5,6 @@ threshold lowered so most arrays are split over ``fsdp`` as well as by the tenso
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -112,7 +111,8 @@ def test_finetune_transplant_lands_on_the_policys_shardings(setup):
             np.testing.assert_array_equal(np.asarray(x), flat_src[name], err_msg=name)
     copy = jax.tree.map(lambda x: x, state.params)  # a fresh State: the fixture's stays as initialised
     nnx.replace_by_pure_dict(copy, params)  # how the trainer installs them
-    assert _flat(copy)["['backbone']['embed_tokens']['embedding'].value"] is params["backbone"]["embed_tokens"]["embedding"]
+    embedding = params["backbone"]["embed_tokens"]["embedding"]
+    assert _flat(copy)["['backbone']['embed_tokens']['embedding'].value"] is embedding
 
 
 def test_published_size_policy_estimates_abstractly_in_seconds():
@@ -133,3 +133,78 @@ def test_published_size_policy_estimates_abstractly_in_seconds():
     assert total["params"] / 8 <= d["params"] < 1.01 * total["params"] / 8  # split 8 ways, little replicated
     assert abs(d["optimizer"] - 2 * d["params"]) < 1024 and d["ema"] == d["params"] == d["gradients"]
     assert "GiB" in report(result, 16)
+
+
+WORKER = '''
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax
+import numpy as np
+from vlax.train.distributed import initialize
+
+port, pid, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from flax import nnx
+from test_train_state import Toy
+from vlax.train import make_mesh
+from vlax.train.optimizer import OptimizerConfig, make_optimizer
+from vlax.train.state import create_train_state_sharded
+
+build = lambda: Toy(nnx.Rngs(0))
+tx = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=1), nnx.state(nnx.eval_shape(build), nnx.Param))
+mesh = make_mesh(1, 2, 2)  # fsdp spans the two processes
+key = jax.random.key(7)
+with jax.transfer_guard("disallow"):
+    _, state, _ = create_train_state_sharded(build, tx, key, mesh=mesh, use_ema=True, fsdp_min_bytes=1024)
+shards = {}
+for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+    assert not x.is_fully_addressable  # one global array over both processes' devices
+    for s in x.addressable_shards:
+        bounds = [[sl.start, sl.stop] for sl in s.index]
+        shards[f"{jax.tree_util.keystr(path)}|{json.dumps(bounds)}"] = np.asarray(s.data)
+np.savez(out, **{str(i): v for i, v in enumerate(shards.values())}, names=np.array(list(shards)))
+'''
+
+
+def test_two_processes_create_their_own_shards(tmp_path):
+    """Two processes (2 CPU devices each) on one global 1 x 2 x 2 mesh: each builds only the shards of its own
+    devices, and those equal the same slices of the one-process init."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_train_state import Toy
+    from vlax.train.optimizer import OptimizerConfig, make_optimizer
+
+    here = Path(__file__).resolve().parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent)])
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), port, str(i), str(tmp_path / f"{i}.npz")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+
+    build = lambda: Toy(nnx.Rngs(0))  # noqa: E731
+    tx = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
+                        nnx.state(nnx.eval_shape(build), nnx.Param))
+    _, single, _ = create_train_state_sharded(build, tx, jax.random.key(7), mesh=None, use_ema=True)
+    reference = {jax.tree_util.keystr(p): np.asarray(x)
+                 for p, x in jax.tree_util.tree_flatten_with_path(single.params)[0]}
+    split = 0
+    for i in range(2):
+        saved = np.load(tmp_path / f"{i}.npz")
+        for j, name in enumerate(saved["names"]):
+            path, index = name.split("|")
+            full = reference[path]
+            part = saved[str(j)]
+            np.testing.assert_array_equal(part, full[tuple(slice(a, b) for a, b in json.loads(index))], err_msg=name)
+            split += part.size < full.size
+    assert split > 0  # some arrays really were cut between the processes

@@ -20,7 +20,8 @@ INSTRUCTIONS = ["Push the puck to the goal.", "open the drawer", "Press the butt
 ROBOT_TEXTS = [
     "pick up the red block and place it in the bowl", "open the top drawer", "Push the puck to the goal.",
     "stack 3 cups, then 12 plates", "déplacez le cube à gauche", "把杯子放在盘子上", "wipe the table 😀",
-    "close_the_door", "move left\nthen right", "  two  spaces  ", "", " ", "Ünïcödé ßtraße", "put the 2nd mug on the 1st",
+    "close_the_door", "move left\nthen right", "  two  spaces  ", "", " ", "Ünïcödé ßtraße",
+    "put the 2nd mug on the 1st",
 ]
 
 
@@ -144,7 +145,8 @@ def test_hf_tokenizer_reads_bos_eos_pad_from_the_config_files(tmp_path):
         assert both.encode(text) == flagged(text)["input_ids"], text
         assert both.encode(text)[0] == 1 and both.encode(text)[-1] == 2
     plain = HFTokenizer.from_file(tmp_path, add_bos=False, add_eos=False)
-    assert plain.encode("open the top drawer") == reference("open the top drawer", add_special_tokens=False)["input_ids"]
+    text = "open the top drawer"
+    assert plain.encode(text) == reference(text, add_special_tokens=False)["input_ids"]
     # the settings survive the checkpoint round trip
     again = tokenizer_from_json(json.loads(json.dumps(both.to_json())))
     assert (again.bos_id, again.eos_id, again.pad_id, again.add_bos, again.add_eos) == (1, 2, 0, True, True)

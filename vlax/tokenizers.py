@@ -240,7 +240,8 @@ class SentencePieceTokenizer:
         path = Path(path)
         directory = path if path.is_dir() else path.parent
         if path.is_dir():
-            models = [path / "tokenizer.model"] if (path / "tokenizer.model").is_file() else sorted(path.glob("*.model"))
+            own = path / "tokenizer.model"
+            models = [own] if own.is_file() else sorted(path.glob("*.model"))
             if len(models) != 1:
                 raise FileNotFoundError(f"expected one SentencePiece .model in {path} (tokenizer.model), found "
                                         f"{[m.name for m in models]}")

@@ -12,7 +12,7 @@ devices hold: a checkpoint or pretrained import never passes the whole tree thro
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -57,7 +57,7 @@ def transplant(new_params: Any, old_params: Any, reinit: str = "") -> tuple[Any,
     params = jax.tree_util.tree_map_with_path(pick, new_params)
     if problems:
         raise ValueError("cannot load the checkpoint into this model; re-initialise these with --config.finetune."
-                         f"reinit=<regex> or fix the config:\n  " + "\n  ".join(problems))
+                         "reinit=<regex> or fix the config:\n  " + "\n  ".join(problems))
     unused = sorted(set(old) - taken)
     return params, sorted(reinitialised), unused
 
@@ -151,7 +151,7 @@ def transplant_sharded(target: Any, source: Mapping[str, Any], reinit: str = "",
         taken.add(name)
     if problems:
         raise ValueError("cannot load the checkpoint into this model; re-initialise these with --config.finetune."
-                         f"reinit=<regex> or fix the config:\n  " + "\n  ".join(problems))
+                         "reinit=<regex> or fix the config:\n  " + "\n  ".join(problems))
     placed = {}
     for name, value in new.items():
         if name in taken:  # one array at a time: loaded, cut into this process's shards, released
