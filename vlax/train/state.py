@@ -78,6 +78,8 @@ def abstract_shardings(tree: Any, mesh: Mesh, *, rules=DEFAULT_RULES, fsdp_min_b
 
     def one(x):
         if isinstance(x, nnx.Variable):
+            if not hasattr(x.get_value(), "shape"):  # e.g. optax's MaskedNode for a frozen leaf: holds no array
+                return x
             if _is_key(x.get_value()):
                 return x.replace(replicated)
             return state_shardings(x, mesh, rules=rules, fsdp_min_bytes=fsdp_min_bytes)
