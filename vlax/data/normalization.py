@@ -274,7 +274,11 @@ def load_or_compute_stats(
     return stats
 
 
+def cache_root() -> str:
+    """``$VLAX_CACHE_DIR`` or ``~/.cache/vlax``: where vlax caches derived data (statistics, file digests)."""
+    return os.environ.get("VLAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vlax")
+
+
 def default_cache_dir() -> str:
     """``$VLAX_CACHE_DIR`` or ``~/.cache/vlax``, plus ``/stats``."""
-    root = os.environ.get("VLAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "vlax"))
-    return os.path.join(root, "stats")
+    return os.path.join(cache_root(), "stats")

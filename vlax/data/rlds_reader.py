@@ -11,6 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vlax.data import sources
+from vlax.data.file_digest import file_digest
 from vlax.data.sources import key_list
 
 
@@ -160,10 +161,15 @@ class RLDSSource:
         }
 
     def fingerprint(self) -> str:
-        """Hash of the dataset description, its files (names and sizes) and the key mapping."""
+        """Hash of the dataset description, its files (names and content digests) and the key mapping.
+
+        Content, not sizes: a same-size overwrite of a file must not reuse statistics cached for the old bytes.
+        Digests are remembered per file state (:mod:`vlax.data.file_digest`), so only new or changed files are
+        read.
+        """
         with open(os.path.join(self.data_dir, "dataset_info.json")) as f:
             info = f.read()
-        files = [(os.path.basename(p), os.path.getsize(p)) for p in self.all_files]
+        files = [(os.path.basename(p), file_digest(p)) for p in self.all_files]
         keys = [self.image_keys, self.state_key, self.action_key, self.language_key, self.split]
         return sources.hash_json([info, files, keys, getattr(self.standardize_fn, "__qualname__", None)])
 
@@ -233,9 +239,11 @@ class RLDSSource:
         self.files = self.all_files[index::count] if by_file else list(self.all_files)
         if self.ignore_errors:
             self.read_report = scan_tfrecord_files(self.files)
-            for path, (good, error) in self.read_report.items():
-                if error:
-                    logging.warning("Skipping unreadable records of %s after %d good ones: %s", path, good, error)
+            bad = {p: r for p, r in self.read_report.items() if r[1]}
+            if bad:  # one warning per read, not one per file: a damaged dataset can have thousands
+                logging.warning(
+                    "ignore_errors: %s: skipping unreadable records in %d of %d files: %s", self.name, len(bad),
+                    len(self.files), "; ".join(f"{p} (after {n} good records: {e})" for p, (n, e) in bad.items()))
         ds = self._records(self.files, shuffle, seed, repeat)
         if not by_file:
             ds = ds.shard(count, index)
@@ -246,6 +254,17 @@ class RLDSSource:
     def num_corrupted_files(self) -> int:
         """Files found corrupted when reading with ``ignore_errors`` (0 before reading)."""
         return sum(1 for _, error in self.read_report.values() if error)
+
+    def instructions(self) -> list[str]:
+        """Every distinct instruction of the split (one pass that decodes no image)."""
+        if not self.language_key:
+            return []
+        ds = self._records(self.all_files, shuffle=False, seed=0, repeat=False).map(self._parse)
+        ds = ds.map(lambda e: self._standardize(e)["task"]["language_instruction"])
+        texts: set[str] = set()
+        for batch in ds.as_numpy_iterator():
+            texts.update(t.decode("utf-8") for t in batch)
+        return sorted(texts)
 
     def numeric_trajectories(self) -> Iterator[dict[str, np.ndarray]]:
         """Actions and states of every episode in the split (all hosts see the same data)."""

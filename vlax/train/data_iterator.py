@@ -2,19 +2,38 @@
 
 tf.data checkpoints the iterator itself (shuffle buffers included); each host saves its own under
 ``<dir>/host_<process_index>``.
+
+A corrupted TFRecord surfaces as :class:`vlax.data.rlds_reader.CorruptedDataError` naming the damaged file(s)
+(TF's own ``DataLossError`` says only "corrupted record at <offset>").
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 
 
 class DataIterator:
-    def __init__(self, dataset):
+    """Iterates ``dataset`` as numpy batches.
+
+    Args:
+      dataset: a ``tf.data.Dataset``, or a :class:`vlax.data.pipeline.DataPipeline` (its ``dataset`` and
+        ``files`` are used).
+      files: the files the dataset reads (or a callable returning them, read when an error happens), scanned to
+        name the corrupted one when reading fails; default: the pipeline's ``files``, else none (the error then
+        carries TF's message only).
+    """
+
+    def __init__(self, dataset, files: Sequence[str] | Callable[[], Sequence[str]] | None = None):
         import tensorflow as tf
+
+        if hasattr(dataset, "files") and hasattr(dataset, "dataset"):  # a DataPipeline
+            pipeline, dataset = dataset, dataset.dataset
+            if files is None:
+                files = lambda: pipeline.files  # noqa: E731 (sources fill their files in as they are read)
+        self._files = files
 
         self._tf = tf
         options = tf.data.Options()
@@ -28,7 +47,22 @@ class DataIterator:
         return self
 
     def __next__(self) -> Any:
-        return self._tf.nest.map_structure(lambda t: t.numpy(), next(self._iterator))
+        try:
+            batch = next(self._iterator)
+        except self._tf.errors.DataLossError as e:
+            from vlax.data.rlds_reader import CorruptedDataError, raise_for_corrupted
+
+            files = list(self._files() if callable(self._files) else self._files or [])
+            try:
+                raise_for_corrupted(files, e)  # CorruptedDataError naming the file(s) the scan finds damaged
+            except self._tf.errors.DataLossError:  # none found: it re-raised e
+                pass
+            raise CorruptedDataError(  # not found among the known files (or none given): still vlax's error
+                f"Corrupted data while reading the training dataset: {e.message.strip().splitlines()[0]}. "
+                f"Scanned files: {files or 'none known (pass files= to DataIterator)'}. Re-create the damaged "
+                "file, or read with ignore_errors=True to skip unreadable records."
+            ) from e
+        return self._tf.nest.map_structure(lambda t: t.numpy(), batch)
 
     def save(self, directory: str | Path) -> str:
         path = Path(directory) / f"host_{jax.process_index()}"
