@@ -263,3 +263,18 @@ def test_malformed_info_json_names_the_file(damaged, content, message):
         f.write(content)
     with pytest.raises(ValueError, match=message):
         LeRobotSource(damaged)
+
+
+def test_fingerprint_notices_same_size_overwrite(damaged):
+    path = os.path.join(damaged, DATA_1)
+    table = pq.read_table(path)
+    plain = dict(compression="NONE", use_dictionary=False, write_statistics=False)  # size independent of values
+    pq.write_table(table, path, **plain)
+    before = LeRobotSource(damaged).fingerprint()
+    stat = os.stat(path)
+    action = np.asarray(table.column("action").to_pylist(), np.float32)
+    column = pa.array((-action).tolist(), table.schema.field("action").type)
+    pq.write_table(table.set_column(table.column_names.index("action"), "action", column), path, **plain)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.path.getsize(path) == stat.st_size  # negated floats: the same bytes count, the case sizes missed
+    assert LeRobotSource(damaged).fingerprint() != before

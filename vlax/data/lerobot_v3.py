@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import tensorflow as tf
 
 from vlax.data import normalization, sources
+from vlax.data.file_digest import file_digest
 from vlax.data.sources import key_list
 
 DEFAULT_DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
@@ -237,9 +238,15 @@ class LeRobotSource:
         return self._tables[path]
 
     def fingerprint(self) -> str:
+        """Hash of ``info.json``, the data files (names and content digests) and the key mapping.
+
+        Content rather than sizes, so that a same-size overwrite does not reuse cached statistics (digests are
+        remembered per file state, see :mod:`vlax.data.file_digest`). Videos are left out: statistics never
+        read them.
+        """
         files = sorted(glob.glob(os.path.join(self.root, "data", "*", "*.parquet")))
-        sizes = [(os.path.relpath(p, self.root), os.path.getsize(p)) for p in files]
-        return sources.hash_json([self.info, sizes, self.image_keys, self.state_key, self.action_key])
+        digests = [(os.path.relpath(p, self.root), file_digest(p)) for p in files]
+        return sources.hash_json([self.info, digests, self.image_keys, self.state_key, self.action_key])
 
     # --- reading -----------------------------------------------------------------------------------------------
     def _episode_rows(self, episode: dict) -> dict[str, np.ndarray]:
