@@ -217,6 +217,19 @@ class ConditionalUnet1D(nnx.Module):
         return self.final_conv(self.final_block(x))
 
 
+def _guide_weights(weights: jax.Array | None, target: jax.Array) -> jax.Array:
+    """RTC weights ``[B, H]`` or ``[B, H, A]`` (``None``: every entry) as ``[B, H, A]`` float32 (as the flow head's)."""
+    if weights is None:
+        return jnp.ones(target.shape, jnp.float32)
+    weights = jnp.asarray(weights, jnp.float32)
+    if weights.ndim == target.ndim - 1:
+        weights = weights[..., None]
+    if weights.ndim != target.ndim:
+        raise ValueError(f"guide_weights has shape {tuple(weights.shape)}; expected [B, H] or [B, H, A] for "
+                         f"guide_actions of shape {tuple(target.shape)}")
+    return jnp.broadcast_to(weights, target.shape)
+
+
 # ---- the head ------------------------------------------------------------------------------------------------------
 DENOISERS = ("mlp_resnet", "unet1d")
 SAMPLERS = ("ddpm", "ddim")
@@ -297,8 +310,15 @@ class DiffusionHead(ActionHead):
         loss = masked_mean(jnp.square(pred - target), mask)
         return loss, {"loss": loss}
 
-    def sample(self, ctx: HeadContext, *, rngs: RngLike, num_steps: int | None = None, lm=None) -> jax.Array:
-        """Reverse diffusion from Gaussian noise: ``[B, H, A]``."""
+    def sample(self, ctx: HeadContext, *, rngs: RngLike, num_steps: int | None = None, lm=None,
+               guide_actions: jax.Array | None = None, guide_weights: jax.Array | None = None,
+               max_guidance: float = 5.0) -> jax.Array:
+        """Reverse diffusion from Gaussian noise: ``[B, H, A]``.
+
+        With ``guide_actions [B, H, A]`` (normalized) and ``guide_weights`` (``[B, H]`` or ``[B, H, A]``), every step
+        first pulls the predicted clean chunk toward those actions (real-time chunking's guided inpainting, see
+        :meth:`_guided_output`); without them the sampling is exactly the unguided one.
+        """
         steps = int(num_steps or self.num_steps)
         big_t = self.schedule.num_train_timesteps
         timesteps = ns.inference_timesteps(big_t, steps, self.spacing, self.steps_offset)
@@ -315,9 +335,16 @@ class DiffusionHead(ActionHead):
         common = dict(prediction_type=self.prediction_type, clip_sample=self.clip_sample,
                       clip_sample_range=self.clip_sample_range)
 
+        if guide_actions is not None:
+            weights = _guide_weights(guide_weights, guide_actions)
+            target = jnp.asarray(guide_actions, x.dtype)
+
         def step(i, x):
             t, prev = ts[i], prevs[i]
-            out = self.denoiser(x, jnp.full((b,), t), cond, train=False)
+            if guide_actions is None:
+                out = self.denoiser(x, jnp.full((b,), t), cond, train=False)
+            else:
+                out = self._guided_output(x, t, cond, target, weights, max_guidance)
             noise = jax.random.normal(jax.random.fold_in(loop_key, i), x.shape, x.dtype)
             if self.sampler == "ddpm":
                 new, _ = ns.ddpm_step(self.schedule, out, t, prev, x, noise, variance_type=self.variance_type,
@@ -328,3 +355,44 @@ class DiffusionHead(ActionHead):
             return new.astype(x.dtype)
 
         return jax.lax.fori_loop(0, steps, step, x)
+
+    def _guided_output(self, x: jax.Array, t: jax.Array, cond: jax.Array, target: jax.Array, weights: jax.Array,
+                       max_guidance: float) -> jax.Array:
+        """The denoiser's output at ``x [B, H, A]``, timestep ``t``, after RTC guidance toward ``target``.
+
+        The flow rule carried over through the equivalent linear-path time: the VP sample
+        ``x = sqrt(abar) a + sqrt(1 - abar) n`` divided by ``k = sqrt(abar) + sqrt(1 - abar)`` is
+        ``tau a + (1 - tau) n`` with ``tau = sqrt(abar) / k``. The predicted clean chunk moves by
+        ``min(beta (1 - tau), (tau^2 + (1 - tau)^2) / tau) * k * (da/dx)^T W (target - a)`` (the flow head's
+        velocity correction expressed on ``a``), and the output is re-expressed in the head's prediction type.
+        """
+        abar = jnp.asarray(self.schedule.alphas_cumprod)[jnp.maximum(t, 0)].astype(jnp.float32)
+        sa, sb = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+        b = x.shape[0]
+
+        def clean(x_):
+            out_ = self.denoiser(x_, jnp.full((b,), t), cond, train=False)
+            if self.prediction_type == "epsilon":
+                a_ = (x_ - sb * out_) / sa
+            elif self.prediction_type == "sample":
+                a_ = out_
+            else:  # v_prediction
+                a_ = sa * x_ - sb * out_
+            return a_.astype(x_.dtype), out_
+
+        a_hat, vjp, _ = jax.vjp(clean, x, has_aux=True)
+        (g,) = vjp((weights * (target - a_hat)).astype(a_hat.dtype))
+        k = sa + sb
+        tau = sa / k
+        c = jnp.minimum(max_guidance * (1.0 - tau), (jnp.square(tau) + jnp.square(1.0 - tau)) / jnp.maximum(tau, 1e-12))
+        a_new = a_hat + (c * k).astype(x.dtype) * g
+        if self.clip_sample:
+            # The step clips the clean chunk anyway; clipping before the noise is re-derived keeps DDIM's update
+            # bounded when an early, noisy step's Jacobian (~ 1 / sqrt(abar) for noise prediction) overshoots.
+            a_new = jnp.clip(a_new, -self.clip_sample_range, self.clip_sample_range)
+        eps = (x - sa * a_new) / jnp.maximum(sb, 1e-12)
+        if self.prediction_type == "epsilon":
+            return eps.astype(x.dtype)
+        if self.prediction_type == "sample":
+            return a_new.astype(x.dtype)
+        return (sa * eps - sb * a_new).astype(x.dtype)

@@ -253,6 +253,21 @@ def sample_beta(key: jax.Array, a: float, b: float, shape: tuple[int, ...]) -> j
     if a == 1.0:
         return 1.0 - jax.random.uniform(key, shape) ** (1.0 / b)
     return jax.random.beta(key, a, b, shape)
+
+
+def guide_weight_array(weights: jax.Array | None, target: jax.Array) -> jax.Array:
+    """Guidance weights ``[B, H]`` or ``[B, H, A]`` (``None``: every entry) as ``[B, H, A]`` float32."""
+    if weights is None:
+        return jnp.ones(target.shape, jnp.float32)
+    weights = jnp.asarray(weights, jnp.float32)
+    if weights.ndim == target.ndim - 1:
+        weights = weights[..., None]
+    if weights.ndim != target.ndim:
+        raise ValueError(f"guide_weights has shape {tuple(weights.shape)}; expected [B, H] or [B, H, A] for "
+                         f"guide_actions of shape {tuple(target.shape)}")
+    return jnp.broadcast_to(weights, target.shape)
+
+
 TIME_CONDITIONING = ("concat", "adarms")
 
 
@@ -362,8 +377,15 @@ class FlowHead(ActionHead):
         return loss, {"loss": loss}
 
     def sample(self, ctx: HeadContext, *, rngs: RngLike, num_steps: int | None = None, lm=None,
-               noise: jax.Array | None = None) -> jax.Array:
-        """Euler integration from ``noise`` (drawn from the noise stream if not given) at t = 1 to t = 0."""
+               noise: jax.Array | None = None, guide_actions: jax.Array | None = None,
+               guide_weights: jax.Array | None = None, max_guidance: float = 5.0) -> jax.Array:
+        """Euler integration from ``noise`` (drawn from the noise stream if not given) at t = 1 to t = 0.
+
+        With ``guide_actions [B, H, A]`` (normalized, aligned with the chunk being sampled) and ``guide_weights``
+        (``[B, H]`` or ``[B, H, A]`` in [0, 1]), the velocity is guided so that the chunk inpaints those actions
+        where the weights are set: real-time chunking (Black et al. 2025, guided inpainting). Without them the
+        integration is exactly the unguided one.
+        """
         self.check_context(ctx)
         steps = int(num_steps or self.num_steps)
         prefix = self.expert.prepare(ctx.cache)  # once: the loop below only runs the expert
@@ -372,9 +394,41 @@ class FlowHead(ActionHead):
             noise = jax.random.normal(split_rngs(rngs)[0], (ctx.batch_size, *self.action_shape), ctx.tokens.dtype)
         dt = -1.0 / steps
         b = noise.shape[0]
+        if guide_actions is not None:
+            return self._sample_guided(prefix, state, noise, steps, guide_actions, guide_weights, max_guidance)
 
         def step(i, x):
             t = jnp.full((b,), 1.0 + i * dt, jnp.float32)
             return x + dt * self.velocity(prefix, state, x, t).astype(x.dtype)
+
+        return jax.lax.fori_loop(0, steps, step, noise)
+
+    def _sample_guided(self, prefix: PreparedPrefix, state: jax.Array | None, noise: jax.Array, steps: int,
+                       target: jax.Array, weights: jax.Array | None, max_guidance: float) -> jax.Array:
+        """Euler steps on the RTC-guided velocity (π0's time: t = 1 noise, t = 0 actions).
+
+        At each step the predicted clean chunk ``a(x) = x - t v(x)`` is pulled toward ``target`` on the weighted
+        entries through one vector-Jacobian product, ``g = (da/dx)^T W (target - a)``, and the velocity becomes
+        ``v - c(t) g`` with the paper's weight ``c = min(beta, (1 - tau) / (tau r^2))``, ``tau = 1 - t``,
+        ``r^2 = (1 - tau)^2 / (tau^2 + (1 - tau)^2)`` (the clip ``beta`` keeps the first, noisiest steps stable).
+        """
+        weights = guide_weight_array(weights, target)
+        target = jnp.asarray(target, noise.dtype)
+        dt = -1.0 / steps
+        b = noise.shape[0]
+
+        def step(i, x):
+            t = jnp.full((b,), 1.0 + i * dt, jnp.float32)
+
+            def clean(x_):
+                v_ = self.velocity(prefix, state, x_, t).astype(x_.dtype)
+                return x_ - t[:, None, None].astype(x_.dtype) * v_, v_
+
+            a_hat, vjp, v = jax.vjp(clean, x, has_aux=True)
+            (g,) = vjp((weights * (target - a_hat)).astype(a_hat.dtype))
+            tau = 1.0 - t
+            r2 = jnp.square(1.0 - tau) / (jnp.square(tau) + jnp.square(1.0 - tau))
+            c = jnp.minimum(max_guidance, (1.0 - tau) / jnp.maximum(tau * r2, 1e-12))
+            return x + dt * (v - c[:, None, None].astype(x.dtype) * g)
 
         return jax.lax.fori_loop(0, steps, step, noise)
