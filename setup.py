@@ -19,6 +19,11 @@ INSTALL_REQUIRES = [
     "importlib_resources",
     "tqdm",
     "tokenizers>=0.20",
+    # SentencePiece tokenizers (PaliGemma / Gemma families), the same library openpi tokenizes with.
+    "sentencepiece>=0.2",
+    # The policy server: openpi's websocket protocol (msgpack frames).
+    "websockets>=13",
+    "msgpack>=1.0",
     "tensorboard>=2.18",
     "pyarrow>=15",
     # LeRobot v3 video decoding (bundles FFmpeg with AV1 / H.264) and image encoding of generated datasets.

@@ -73,7 +73,7 @@ def train_head(head: str, workdir: Path, threads: int) -> None:
         minutes = max(minutes - _train_seconds(workdir) / 60, 0.05)
     cmd = [sys.executable, "-m", "experiments.train", f"--config={CONFIG}:{FLAGS.variant}",
            f"--config.model.head={head}", f"--config.workdir={workdir}", f"--config.seed={FLAGS.seed}",
-           f"--config.data.tasks={FLAGS.tasks}", f"--config.train.steps={FLAGS.steps}",
+           f"--config.data.sources[0].tasks={FLAGS.tasks}", f"--config.train.steps={FLAGS.steps}",
            f"--config.train.max_minutes={minutes}", "--config.train.tensorboard=False"]
     cmd += [f"--config.{s}" for s in FLAGS.set]
     t0 = time.time()
@@ -183,19 +183,20 @@ def chart(results: list[dict], path: Path) -> None:
 
 def ensure_dataset() -> None:
     from experiments.configs.metaworld import get_config
-    from experiments.train import generate_dataset
+    from vlax.data.source_config import open_source
 
     cfg = get_config(FLAGS.variant)
-    cfg.data.tasks = FLAGS.tasks
-    for override in FLAGS.set:  # the dataset follows data.* overrides the way the trainer reads them
+    source = cfg.data.sources[0]
+    source.tasks = FLAGS.tasks
+    for override in FLAGS.set:  # the dataset follows data.sources[0].* overrides the way the trainer reads them
         key, value = override.split("=", 1)
-        if key.startswith("data."):
+        if key.startswith("data.sources[0]."):
             try:
                 value = ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 pass  # a plain string
-            cfg.data[key.split(".", 1)[1]] = value
-    generate_dataset(cfg)
+            source[key.split(".", 2)[2]] = value
+    open_source(source.to_dict())  # generates the Meta-World dataset once, before the parallel runs
 
 
 def main(argv):

@@ -70,9 +70,9 @@ def main(argv):
     workdir = Path(FLAGS.workdir)
     cfg = get_config("tiny")
     cfg.model.head = FLAGS.head
-    cfg.data.tasks = FLAGS.tasks
-    cfg.data.episodes_per_task = FLAGS.episodes_per_task
-    cfg.data.dir = "data_cache/metaworld_demo"
+    source = cfg.data.sources[0]
+    source.tasks, source.episodes_per_task, source.path = FLAGS.tasks, FLAGS.episodes_per_task, \
+        "data_cache/metaworld_demo"
     cfg.train.steps = FLAGS.steps
     cfg.train.tensorboard = False
     cfg.workdir = str(workdir)

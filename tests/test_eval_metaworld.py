@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.train import prepare_data, train
+from experiments.train import train
 from train_helpers import tiny_config
 from vlax.envs.metaworld import EVAL_LAYOUT_SEED_START, MT50_TASKS
 from vlax.eval import CheckpointError, evaluate, load_results, open_loop_metrics
@@ -98,18 +98,23 @@ def test_bad_inputs_fail_with_one_clear_error(flow_policy, tmp_path):
 
 
 def test_open_loop_metric_of_a_checkpoint_matches_the_runner(flow_policy):
+    from vlax.data import DataConfig, build_pipeline
+    from vlax.envs.metaworld import metaworld_source
+
     runner = PolicyRunner.from_checkpoint(flow_policy.workdir)
-    pipeline, _ = prepare_data(flow_policy, train=False)
-    batches = list(zip(range(1), iter(pipeline)))
+    config = DataConfig(batch_size=4, action_horizon=runner.spec.horizon, image_size=32, train=False)
+    data = build_pipeline([metaworld_source(flow_policy.data.sources[0].path)], config)
+    batches = list(zip(range(1), iter(data)))
     metrics = open_loop_metrics(runner, (b for _, b in batches), num_batches=1, rng=jax.random.key(5))
     # The same numbers through the runner's public path: raw state in, un-normalized actions out.
     art = runner.artifact
     squared = absolute = count = 0.0
     for i, batch in batches:
         obs = batch["observation"]
-        raw = {"image_corner2": obs["image_corner2"][:, -1], "state": art.unnormalize("state", obs["state"][:, -1])}
         text = [t.decode() for t in batch["task"]["language_instruction"]]
-        predicted = runner.sample_actions(raw, text, rng=jax.random.fold_in(jax.random.key(5), i))
+        raw = {"images": {"corner2": obs["image_corner2"][:, -1]},
+               "state": art.unnormalize("state", obs["state"][:, -1]), "prompt": text}
+        predicted = runner.infer(raw, rng=jax.random.fold_in(jax.random.key(5), i))
         target = art.unnormalize("action", batch["action"][:, -1])
         mask = batch["action_mask"][:, -1]
         squared += np.sum(mask * (predicted - target) ** 2)
@@ -130,8 +135,8 @@ def test_worker_inputs_equal_the_runners(flow_policy):
     sim_obs = rs.uniform(-0.5, 0.5, 39)
     got = actor.inputs(frame, sim_obs, "reach the goal")
     assert got["images"]["corner2"].shape == (1, 32, 32, 3)
-    want = actor.runner.prepare({"image_corner2": got["images"]["corner2"], "state": sim_obs[None, :4]},
-                                ["reach the goal"])
+    raw = {"images": {"corner2": got["images"]["corner2"]}, "state": sim_obs[None, :4], "prompt": ["reach the goal"]}
+    want = actor.runner.pipeline.model_inputs(raw)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(g, w)

@@ -13,7 +13,7 @@ from vlax.data.frame_transforms import decode_and_resize_image
 from vlax.data.normalization import NormalizationArtifact
 from vlax.eval import open_loop_metrics, validate_results, write_video
 from vlax.eval.results import summarize, timing
-from vlax.envs.metaworld.episode import resize_like_pipeline
+from vlax.observation import ObservationPipeline, resize_frames
 from vlax.policy import PolicySpec
 from vlax.tokenizers import WordTokenizer
 
@@ -29,6 +29,10 @@ def _artifact() -> NormalizationArtifact:
                                  masks={"action": (True, True, True, False), "state": (True,) * 4},
                                  padded_dims={"action": 4, "state": 4}, stats={"action": stats, "state": stats},
                                  dataset_hash="hand")
+
+
+def _pipeline() -> ObservationPipeline:
+    return ObservationPipeline(SPEC, WordTokenizer.build(["reach the goal"]), {"hand": _artifact()})
 
 
 def _batch(actions: np.ndarray, mask: np.ndarray) -> dict:
@@ -53,25 +57,23 @@ def test_open_loop_metric_equals_a_hand_computation():
     m2[1, 0, 3] = True
     # Errors (prediction - target): batch 1: [1, 1, 1, 0.5]; batch 2: gripper 0.5 - 1 = -0.5.
     # 5 real entries: MSE = (1 + 1 + 1 + 0.25 + 0.25) / 5 = 0.7, L1 = (1 + 1 + 1 + 0.5 + 0.5) / 5 = 0.8.
-    tokenizer = WordTokenizer.build(["reach the goal"])
     metrics = open_loop_metrics(predict, iter([_batch(a1, m1), _batch(a2, m2), _batch(a2, m2)]), num_batches=2,
-                                spec=SPEC, tokenizer=tokenizer, artifact=_artifact())
+                                pipeline=_pipeline())
     assert metrics["num_batches"] == 2 and metrics["num_values"] == 5
     assert metrics["action_mse"] == pytest.approx(0.7, abs=1e-6)  # scale carries EPSILON = 1e-8
     assert metrics["action_l1"] == pytest.approx(0.8, abs=1e-6)
 
 
 def test_open_loop_metric_errors():
-    tokenizer = WordTokenizer.build(["reach the goal"])
     predict = lambda obs, key: np.zeros((1, 2, 4), np.float32)  # noqa: E731
     batch = _batch(np.zeros((1, 2, 4)), np.ones((1, 2, 4), bool))
-    with pytest.raises(ValueError, match=r"needs \['spec', 'artifact'\]"):
-        open_loop_metrics(predict, iter([batch]), 1, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"needs pipeline="):
+        open_loop_metrics(predict, iter([batch]), 1)
     with pytest.raises(ValueError, match="no batches"):
-        open_loop_metrics(predict, iter([]), 1, spec=SPEC, tokenizer=tokenizer, artifact=_artifact())
+        open_loop_metrics(predict, iter([]), 1, pipeline=_pipeline())
     wrong = lambda obs, key: np.zeros((1, 3, 4), np.float32)  # noqa: E731
     with pytest.raises(ValueError, match=r"predicted actions of shape \(1, 3, 4\); the batch holds \(1, 2, 4\)"):
-        open_loop_metrics(wrong, iter([batch]), 1, spec=SPEC, tokenizer=tokenizer, artifact=_artifact())
+        open_loop_metrics(wrong, iter([batch]), 1, pipeline=_pipeline())
 
 
 @pytest.mark.parametrize("size", [32, 64, 224])
@@ -83,9 +85,10 @@ def test_frame_resize_matches_the_training_pipeline(size):
     smooth = np.cumsum(rs.randint(0, 5, (128, 128, 3)), axis=1) % 256  # gradients, like rendered scenes
     for frame in (rs.randint(0, 256, (128, 128, 3)).astype(np.uint8), smooth.astype(np.uint8)):
         want = decode_and_resize_image(tf.constant(frame), (size, size)).numpy().astype(int)
-        got = np.asarray(jax.jit(lambda f: resize_like_pipeline(f, (size, size)))(frame)).astype(int)
+        got = resize_frames(frame[None], (size, size), "jax")[0].astype(int)
         assert np.abs(want - got).max() <= 1 and (want != got).mean() < 0.005
-    assert resize_like_pipeline(frame, (128, 128)) is frame  # already the policy's size: untouched
+        np.testing.assert_array_equal(resize_frames(frame[None], (size, size), "tf")[0], want)  # the same op
+    np.testing.assert_array_equal(resize_frames(frame[None], (128, 128), "jax")[0], frame)  # already that size
 
 
 def _results() -> dict:

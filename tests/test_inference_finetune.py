@@ -22,18 +22,17 @@ def test_runner_reproduces_the_model_and_unnormalizes(trained):
     rs = np.random.RandomState(0)
     frames = rs.randint(0, 255, (2, 64, 64, 3), np.uint8)  # camera size; the runner resizes to the policy's 32 px
     state = rs.uniform(-0.5, 0.5, (2, 4)).astype(np.float32)
-    obs = {"image_corner2": frames, "state": state}
+    obs = {"images": {"corner2": frames}, "state": state, "prompt": ["reach the goal", "push the puck to the goal"]}
     key = jax.random.key(3)
-    actions = runner.sample_actions(obs, ["reach the goal", "push the puck to the goal"], rng=key)
+    actions = runner.infer(obs, rng=key)
     horizon = runner.spec.horizon
     assert actions.shape == (2, horizon, 4)
     model = runner.model()
-    normalized = np.asarray(model.sample(runner.prepare(obs, ["reach the goal", "push the puck to the goal"]),
-                                         rngs=key))
+    normalized = np.asarray(model.sample(runner.pipeline.model_inputs(obs), rngs=key))
     np.testing.assert_allclose(actions, runner.artifact.unnormalize("action", normalized), atol=1e-5)
-    one = runner.sample_actions({"image_corner2": frames[0], "state": state[0]}, "reach the goal", rng=key)
+    one = runner.infer({"images": {"corner2": frames[0]}, "state": state[0], "prompt": "reach the goal"}, rng=key)
     assert one.shape == (horizon, 4)
-    jitted = runner.sample_normalized(runner.prepare(obs, ["reach the goal", "push the puck to the goal"]), key)
+    jitted = runner.sample_normalized(runner.pipeline.model_inputs(obs), key)
     np.testing.assert_allclose(jitted, normalized, atol=1e-5)  # jitted vs eager: float reassociation only
 
 

@@ -8,10 +8,8 @@ from experiments.configs.metaworld import get_config
 def tiny_config(workdir: Path, data_dir: Path, **train):
     c = get_config("tiny")
     c.workdir = str(workdir)
-    c.data.dir = str(data_dir)
-    c.data.tasks = "reach,push"
-    c.data.episodes_per_task = 2
-    c.data.generate_image_size = 64
+    source = c.data.sources[0]
+    source.path, source.tasks, source.episodes_per_task, source.image_size = str(data_dir), "reach,push", 2, 64
     c.data.image_size = 32
     c.data.batch_size = 8
     c.data.shuffle_buffer = 64
@@ -25,6 +23,7 @@ def tiny_config(workdir: Path, data_dir: Path, **train):
     c.optim.warmup_steps = 2
     c.train.log_every = 1
     c.train.tensorboard = False
+    c.train.progress = False
     for k, v in train.items():
         setattr(c.train, k, v)
     return c
@@ -33,8 +32,10 @@ def tiny_config(workdir: Path, data_dir: Path, **train):
 def config_flags(c) -> list[str]:
     """The same config as command-line overrides of the tiny variant."""
     flat = {
-        "workdir": c.workdir, "data.dir": c.data.dir, "data.tasks": c.data.tasks,
-        "data.episodes_per_task": c.data.episodes_per_task, "data.generate_image_size": c.data.generate_image_size,
+        "workdir": c.workdir, "data.sources[0].path": c.data.sources[0].path,
+        "data.sources[0].tasks": c.data.sources[0].tasks,
+        "data.sources[0].episodes_per_task": c.data.sources[0].episodes_per_task,
+        "data.sources[0].image_size": c.data.sources[0].image_size,
         "data.image_size": c.data.image_size, "data.batch_size": c.data.batch_size,
         "data.shuffle_buffer": c.data.shuffle_buffer, "model.encoder_kwargs.width": 32,
         "model.encoder_kwargs.channels": "(16,32)", "model.backbone_overrides.width": 32,
@@ -44,6 +45,7 @@ def config_flags(c) -> list[str]:
             f"model.head_defaults.{h}.{k}": v for h in ("chunk", "chunk_cvae")
             for k, v in dict(width=32, depth=1, num_heads=2, mlp_dim=64).items()}, "optim.learning_rate": c.optim.learning_rate,
         "optim.warmup_steps": c.optim.warmup_steps, "train.log_every": 1, "train.tensorboard": False,
+        "train.progress": False,
         "train.steps": c.train.steps, "train.save_every": c.train.save_every,
     }
     return ["--config=experiments/configs/metaworld.py:tiny"] + [f"--config.{k}={v}" for k, v in flat.items()]

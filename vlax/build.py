@@ -60,13 +60,38 @@ def backbone_vocab_size(model: Mapping[str, Any], text_vocab_size: int) -> int:
     return text_vocab_size + bins
 
 
-def policy_spec(config: Mapping[str, Any]) -> PolicySpec:
-    """The :class:`PolicySpec` an experiment config describes (``data`` + ``model`` sections)."""
+def config_cameras(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The policy camera names the config's data sources map to, in order of first appearance."""
+    cameras: list[str] = []
+    for entry in config["data"]["sources"]:
+        for camera in dict(entry.get("cameras") or {}).values():
+            if camera not in cameras:
+                cameras.append(camera)
+    return tuple(cameras)
+
+
+def policy_spec(config: Mapping[str, Any], *, cameras: tuple[str, ...] | None = None, state_dim: int | None = None,
+                action_dim: int | None = None) -> PolicySpec:
+    """The :class:`PolicySpec` an experiment config describes (``data`` + ``model`` sections); ``cameras`` and
+    dims the data determined win over the config's (``model.state_dim`` / ``action_dim`` of 0 mean "the data's")."""
     data, model = config["data"], config["model"]
-    return PolicySpec(cameras=(data["camera"],), image_size=int(data["image_size"]), state_dim=int(model["state_dim"]),
-                      action_dim=int(model["action_dim"]), horizon=int(data["action_horizon"]),
-                      max_text_len=int(model["max_text_len"]), state_input=model["state_input"],
-                      num_readouts=int(model.get("num_readouts", 0)), state_bins=int(model.get("state_bins", 256)))
+    cameras = tuple(cameras or config_cameras(config))
+    return PolicySpec(cameras=cameras, image_size=int(data["image_size"]),
+                      state_dim=int(state_dim if state_dim is not None else model["state_dim"]),
+                      action_dim=int(action_dim if action_dim is not None else model["action_dim"]),
+                      horizon=int(data["action_horizon"]), max_text_len=int(model["max_text_len"]),
+                      state_input=model["state_input"], num_readouts=int(model.get("num_readouts", 0)),
+                      state_bins=int(model.get("state_bins", 256)))
+
+
+def check_components(model: Mapping[str, Any]) -> None:
+    """Unknown encoder / backbone / head names are an error before any data is read or generated."""
+    from vlax.backbones.config import CONFIGS
+
+    for kind, name, known in (("action head", model["head"], HEADS), ("encoder", model["encoder"], ENCODERS),
+                              ("backbone", model["backbone"], CONFIGS)):
+        if name not in known:
+            raise ValueError(f"unknown {kind} {name!r} (model.{kind.split()[-1]}); known: {sorted(known)}")
 
 
 def build_policy(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: int, rngs: nnx.Rngs) -> VLA:

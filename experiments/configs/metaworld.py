@@ -11,24 +11,31 @@ from __future__ import annotations
 import ml_collections
 
 
+def metaworld_source(path: str, *, tasks: str, episodes_per_task: int, image_size: int,
+                     camera: str = "corner2") -> ml_collections.ConfigDict:
+    """A ``kind: metaworld`` entry of ``data.sources`` (see :mod:`vlax.data.source_config`)."""
+    return ml_collections.ConfigDict({
+        "kind": "metaworld", "path": path, "tasks": tasks, "episodes_per_task": episodes_per_task,
+        "image_size": image_size, "cameras": {camera: camera}, "num_workers": 2, "weight": 1.0})
+
+
 def _base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.workdir = "runs/metaworld"
 
     c.data = ml_collections.ConfigDict()
-    c.data.dir = "data_cache/metaworld"          # generated on first use, reused afterwards
-    c.data.tasks = "mt10"
-    c.data.episodes_per_task = 50
-    c.data.generate_image_size = 128
+    # One source: the scripted-expert dataset, generated on first use under `path` and reused afterwards.
+    c.data.sources = [metaworld_source("data_cache/metaworld", tasks="mt10", episodes_per_task=50, image_size=128)]
     c.data.image_size = 64                        # resized by the pipeline
-    c.data.camera = "corner2"
     c.data.batch_size = 32
     c.data.action_horizon = 8                     # predicted per chunk; evaluation executes 4 then re-plans
     c.data.normalization = "bounds"
     c.data.augment = True
     c.data.shuffle_buffer = 2000
-    c.data.num_workers = 2                        # generator processes
+    c.data.val_fraction = 0.0                     # > 0 holds episodes out for open-loop validation
+    c.data.val_every = 0                          # steps between validations (0: never)
+    c.data.val_batches = 4
 
     c.model = ml_collections.ConfigDict()
     c.model.head = "chunk"
@@ -50,6 +57,8 @@ def _base() -> ml_collections.ConfigDict:
     c.model.state_bins = 256
     c.model.num_readouts = 0
     c.model.max_text_len = 16
+    c.model.tokenizer = "word"                    # word | byte | a tokenizer.json / SentencePiece .model path
+    c.model.prompt = "plain"                      # a template of vlax.prompts, or a string with {instruction}
     c.model.state_dim = 4
     c.model.action_dim = 4
     c.model.dtype = "float32"
@@ -86,7 +95,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         pass
     elif variant == "small":
         c.data.image_size = 224
-        c.data.generate_image_size = 224
+        c.data.sources[0].image_size = 224
         c.data.batch_size = 128
         c.model.encoder = "siglip_b16_224"
         c.model.encoder_kwargs = ml_collections.ConfigDict()

@@ -44,6 +44,8 @@ class DataConfig:
     prefetch: int = 2
     stats_cache_dir: str | None = None  # default: normalization.default_cache_dir()
     drop_remainder: bool = True
+    val_fraction: float = 0.0  # episodes held out for validation, chosen by a hash of each episode's content
+    split: str = "all"  # all | train (without the held-out episodes) | val (only them)
 
 
 @dataclasses.dataclass
@@ -94,11 +96,14 @@ def make_artifact(
     cache_dir = config.stats_cache_dir or normalization.default_cache_dir()
     stats = normalization.load_or_compute_stats(cache_dir, dataset_hash, keys, compute)
     masks = normalization.default_masks(stats, keys, source.gripper_last)
+    gripper_dims = getattr(source, "gripper_dims", None)
+    if gripper_dims is not None:  # the source's own list of unnormalized action dims
+        masks["action"] = tuple(i not in gripper_dims for i in range(len(masks["action"])))
     if config.normalization_masks:
         masks.update({k: tuple(v) for k, v in config.normalization_masks.items() if k in keys})
     padded = {"action": max_action_dim, "state": max_state_dim}
     return normalization.NormalizationArtifact(
-        type=config.normalization,
+        type=getattr(source, "normalization", None) or config.normalization,
         keys=keys,
         masks=masks,
         padded_dims={k: padded[k] for k in keys},
@@ -127,6 +132,35 @@ def _ensure_state(traj: dict, has_state: bool, max_state_dim: int) -> dict:
 
 def _seed(base: int, salt: int, index: tf.Tensor) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(tf.constant([base, salt], tf.int64), index)
+
+
+SPLITS = ("all", "train", "val")
+
+
+def episode_bucket(traj: dict) -> tf.Tensor:
+    """A number in [0, 1) fixed by the episode's content (dataset name, length, first and last actions): the same
+    episode lands in the same split however files are sharded, shuffled or ordered."""
+    action = traj["action"]
+    parts = [traj["dataset_name"][0], tf.strings.as_string(tf.shape(action)[0]),
+             tf.strings.reduce_join(tf.strings.as_string(action[:2], precision=7), separator=","),
+             tf.strings.reduce_join(tf.strings.as_string(action[-1:], precision=7), separator=",")]
+    bucket = tf.strings.to_hash_bucket_fast(tf.strings.join(parts, separator="|"), 1 << 30)
+    return tf.cast(bucket, tf.float64) / float(1 << 30)
+
+
+def split_episodes(traj_ds: tf.data.Dataset, split: str, val_fraction: float) -> tf.data.Dataset:
+    """Keep the ``train`` or ``val`` episodes (``val``: a ``val_fraction`` share of them by content hash)."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; known: {list(SPLITS)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must lie in [0, 1)")
+    if split == "all" or (split == "train" and val_fraction == 0):
+        return traj_ds
+    if split == "val" and val_fraction == 0:
+        raise ValueError("split='val' needs val_fraction > 0 (e.g. --config.data.val_fraction=0.1)")
+    if split == "val":
+        return traj_ds.filter(lambda traj: episode_bucket(traj) < val_fraction)
+    return traj_ds.filter(lambda traj: episode_bucket(traj) >= val_fraction)
 
 
 def trajectory_transforms(
@@ -178,6 +212,25 @@ def frame_transforms_fn(config: DataConfig, cameras: Sequence[str]):
     return transform
 
 
+def _tokenizing(tokenize):
+    """Batch -> batch with ``task/text_ids`` and ``task/text_mask`` (the tokenizer runs in tf.data's threads)."""
+
+    def run(texts, states):
+        ids, mask = tokenize(list(texts), states)
+        return np.asarray(ids, np.int32), np.asarray(mask, bool)
+
+    def add(batch):
+        state = batch["observation"]["state"]
+        state = state[:, -1] if state.shape.rank == 3 else state  # the last window step, as the policy sees it
+        ids, mask = tf.numpy_function(run, [batch["task"]["language_instruction"], state], [tf.int32, tf.bool],
+                                      stateful=False)
+        ids.set_shape([None, None])
+        mask.set_shape([None, None])
+        return {**batch, "task": {**batch["task"], "text_ids": ids, "text_mask": mask}}
+
+    return add
+
+
 def _cameras(traj_ds: tf.data.Dataset) -> list[str]:
     return sorted(k[len("image_") :] for k in traj_ds.element_spec["observation"] if k.startswith("image_"))
 
@@ -190,6 +243,7 @@ def build_pipeline(
     process_index: int | None = None,
     process_count: int | None = None,
     expected_artifacts: Mapping[str, normalization.NormalizationArtifact] | None = None,
+    tokenize: Any = None,
 ) -> DataPipeline:
     """Builds the batched pipeline over one or more sources.
 
@@ -200,6 +254,10 @@ def build_pipeline(
       process_index / process_count: this host's shard (default from JAX).
       expected_artifacts: normalization recorded with a checkpoint, by dataset name; a mismatch raises
         :class:`~vlax.data.normalization.NormalizationMismatchError` naming the field.
+      tokenize: optional ``(instructions [B] bytes, states [B, S]) -> (ids [B, L] int32, mask [B, L] bool)`` run
+        inside the
+        pipeline on each batch (e.g. :meth:`vlax.observation.ObservationPipeline.tokenize`); adds
+        ``task/text_ids`` and ``task/text_mask``.
 
     Returns:
       A :class:`DataPipeline` yielding batches with leading dim ``config.batch_size`` (the per-host batch).
@@ -228,6 +286,7 @@ def build_pipeline(
         traj_ds = source.trajectories(
             index, count, seed=config.seed + i, shuffle=config.train, repeat=config.train
         )
+        traj_ds = split_episodes(traj_ds, config.split, config.val_fraction)
         traj_ds = trajectory_transforms(
             traj_ds,
             config,
@@ -258,6 +317,8 @@ def build_pipeline(
         frame_transforms_fn(config, cameras), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
     ds = ds.batch(config.batch_size, drop_remainder=config.drop_remainder, num_parallel_calls=tf.data.AUTOTUNE)
+    if tokenize is not None:
+        ds = ds.map(_tokenizing(tokenize), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()
     options.deterministic = True
     ds = ds.with_options(options).prefetch(config.prefetch)

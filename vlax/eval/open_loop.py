@@ -15,9 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from vlax.policy import PolicySpec
-from vlax.tokenizers import Tokenizer
-from vlax.train.batch import model_batch
+from vlax.observation import ObservationPipeline
 
 SampleFn = Callable[[dict, jax.Array], Any]
 
@@ -45,35 +43,31 @@ def open_loop_metrics(
     batches: Iterable[dict],
     num_batches: int,
     *,
-    spec: PolicySpec | None = None,
-    tokenizer: Tokenizer | None = None,
-    artifact: Any = None,
+    pipeline: ObservationPipeline | None = None,
     rng: jax.Array | None = None,
 ) -> dict[str, float]:
     """Masked action MSE and L1 of ``policy``'s predicted chunks on up to ``num_batches`` pipeline batches.
 
     Args:
-      policy: a :class:`vlax.inference.PolicyRunner` (its spec, tokenizer and normalization are used), a
+      policy: a :class:`vlax.inference.PolicyRunner` (its observation pipeline is used), a
         :class:`vlax.policy.VLA`, or a function ``(obs, key) -> normalized actions [B, H, A]``.
       batches: pipeline batches (``vlax.data`` schema: normalized ``action [B, W, H, A]`` or ``[B, H, A]``,
         ``action_mask`` alike, ``observation``, ``task/language_instruction``); use held-out episodes without
-        augmentation (``DataConfig(train=False)``).
+        augmentation (``DataConfig(train=False, split="val")``).
       num_batches: how many batches to read (fewer if the iterator ends first).
-      spec / tokenizer / artifact: required unless ``policy`` is a PolicyRunner (then taken from it).
+      pipeline: the :class:`~vlax.observation.ObservationPipeline` that turns batches into model inputs and
+        predictions into actions (required unless ``policy`` is a PolicyRunner); its ``dataset`` picks the
+        normalization of the batches' source.
       rng: key for stochastic heads (default ``key(0)``); batch ``i`` uses ``fold_in(rng, i)``.
 
     Returns:
       ``{"action_mse", "action_l1", "num_batches", "num_values"}``: means over every real action entry
       (``sum(mask * err) / sum(mask)`` pooled over the batches), in un-normalized units.
     """
-    if hasattr(policy, "spec") and hasattr(policy, "artifact") and hasattr(policy, "tokenizer"):
-        spec = spec or policy.spec
-        tokenizer = tokenizer or policy.tokenizer
-        artifact = artifact or policy.artifact
-    missing = [name for name, v in (("spec", spec), ("tokenizer", tokenizer), ("artifact", artifact)) if v is None]
-    if missing:
-        raise ValueError(f"open_loop_metrics needs {missing} for a {type(policy).__name__}; pass them, or pass a "
-                         "PolicyRunner, which carries them")
+    pipeline = pipeline or getattr(policy, "pipeline", None)
+    if pipeline is None:
+        raise ValueError(f"open_loop_metrics needs pipeline= (an ObservationPipeline) for a "
+                         f"{type(policy).__name__}; or pass a PolicyRunner, which carries one")
     if num_batches < 1:
         raise ValueError(f"num_batches={num_batches}; use 1 or more")
     sample = _sampler(policy)
@@ -81,13 +75,13 @@ def open_loop_metrics(
     squared = absolute = count = 0.0
     used = 0
     for i, batch in enumerate(itertools.islice(batches, num_batches)):
-        inputs = model_batch(batch, spec, tokenizer)
+        inputs = pipeline.from_batch(batch)
         predicted = np.asarray(sample(inputs["obs"], jax.random.fold_in(rng, i)), np.float32)
         if predicted.shape != inputs["actions"].shape:
             raise ValueError(f"policy predicted actions of shape {predicted.shape}; the batch holds "
                              f"{inputs['actions'].shape} [B, H, A]")
-        predicted = artifact.unnormalize("action", predicted).astype(np.float64)
-        target = artifact.unnormalize("action", inputs["actions"]).astype(np.float64)
+        predicted = pipeline.actions(predicted).astype(np.float64)
+        target = pipeline.actions(inputs["actions"]).astype(np.float64)
         mask = inputs["action_mask"][..., :target.shape[-1]].astype(np.float64)
         error = predicted - target
         squared += float(np.sum(mask * error**2))

@@ -94,14 +94,19 @@ def read_checkpoint_info(path: str | os.PathLike, *, step: int | None = None) ->
     if not (step_dir / "state").is_dir():
         raise CheckpointError(f"checkpoint {step_dir} has no 'state' item (the weights)")
     config, normalization, _ = (_read_item(step_dir, name) for name in REQUIRED_ITEMS)
-    data, model = config.get("data", {}), config.get("model", {})
-    missing = [k for k in ("camera", "image_size", "action_horizon", "tasks") if k not in data]
-    if missing:
-        raise CheckpointError(f"the config of {step_dir} lacks data.{missing}; it was not trained on a Meta-World "
-                              "dataset by experiments/train.py")
+    data = config.get("data", {})
+    source = next((s for s in data.get("sources", []) if s.get("kind") == "metaworld"), None)
+    if source is None or "image_size" not in data or "action_horizon" not in data:
+        raise CheckpointError(f"the config of {step_dir} has no Meta-World data source (data.sources[i].kind = "
+                              "'metaworld'); it was not trained on a Meta-World dataset by experiments/train.py")
+    if len(data["sources"]) == 1 and "type" not in normalization:  # {dataset name: artifact}
+        normalization = next(iter(normalization.values()))
+    elif "type" not in normalization:
+        normalization = normalization.get(source.get("name") or "metaworld_experts", {})
     # experiments/train.py records its dataset with the generator's defaults apart from the size and camera.
-    settings = sim.RolloutSettings(image_size=int(data.get("generate_image_size", 128)),
-                                                 cameras=(data["camera"],))
+    cameras = tuple(c[len("image_"):] if c.startswith("image_") else c for c in (source.get("cameras") or
+                                                                             {"corner2": "corner2"}))
+    settings = sim.RolloutSettings(image_size=int(source.get("image_size", 128)), cameras=cameras[:1])
     stats = normalization.get("stats", {})
     dims = {k: len(stats[k]["mean"]) for k in ("state", "action") if k in stats}
     if dims.get("action") != sim.ACTION_DIM:
@@ -114,5 +119,5 @@ def read_checkpoint_info(path: str | os.PathLike, *, step: int | None = None) ->
     return CheckpointInfo(
         directory=str(directory), step=step, config=config, settings=settings,
         policy_image_size=int(data["image_size"]), state_dim=state_dim, action_dim=dims["action"],
-        horizon=int(data["action_horizon"]), trained_tasks=task_sets.resolve_tasks(data["tasks"]),
+        horizon=int(data["action_horizon"]), trained_tasks=task_sets.resolve_tasks(source["tasks"]),
     )

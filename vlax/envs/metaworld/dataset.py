@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vlax.envs.metaworld import sim, task_sets
+from vlax.envs.metaworld import instructions, sim, task_sets
 
 DATASET_NAME = "metaworld_experts"
 DATASET_VERSION = "1.0.0"
@@ -343,3 +343,42 @@ def metaworld_source(data_dir: str, *, name: str = DATASET_NAME, include_privile
         gripper_last=True,
         **kwargs,
     )
+
+
+def open_source(entry: dict) -> Any:
+    """A ``kind: metaworld`` data source entry (see :mod:`vlax.data.source_config`): the dataset under
+    ``entry["path"]`` is generated on first use (by process 0 of a multi-host run) and reused afterwards.
+
+    The entry's ``cameras`` keys are the cameras to render (``image_<camera>`` in the data); ``tasks``,
+    ``episodes_per_task``, ``image_size`` and ``num_workers`` say what to generate.
+    """
+    import jax
+
+    camera_map = {_strip_image(k): v for k, v in (entry.get("cameras") or {"corner2": "corner2"}).items()}
+    cameras = tuple(camera_map)
+
+    def generate() -> str:
+        return generate_metaworld_dataset(entry["path"] or "data_cache/metaworld", tasks=entry["tasks"],
+                                          episodes_per_task=int(entry["episodes_per_task"]),
+                                          image_size=int(entry["image_size"]), cameras=cameras,
+                                          num_workers=int(entry["num_workers"]))
+
+    if jax.process_index() == 0:
+        path = generate()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("metaworld dataset ready")
+        path = generate()  # every host now finds it and reuses it
+    image_keys = {policy_camera: f"image_{camera}" for camera, policy_camera in camera_map.items()}
+    source = metaworld_source(path, name=entry.get("name") or DATASET_NAME, image_keys=image_keys,
+                              ignore_errors=bool(entry.get("ignore_errors")))
+    # Every template of the tasks, not only those recorded: evaluation layouts pick other paraphrases.
+    templates = sorted({text for task in task_sets.resolve_tasks(entry["tasks"])
+                        for text in instructions.INSTRUCTIONS[task]})
+    source.instructions = lambda: templates
+    return source
+
+
+def _strip_image(key: str) -> str:
+    return key[len("image_"):] if key.startswith("image_") else key

@@ -100,24 +100,19 @@ class _CheckpointActor:
     compiles = True  # its first call traces and compiles
 
     def __init__(self, path: str, step: int | None, settings: RolloutSettings):
-        import jax
-
         from vlax.inference import PolicyRunner
 
         self.calls = 0
-        self.runner = PolicyRunner.from_checkpoint(path, step=step)
-        spec, artifact = self.runner.spec, self.runner.artifact
-        self.horizon = int(spec.horizon)
+        # TensorFlow cannot share this process with EGL rendering: the pipeline resizes with JAX's equal kernel.
+        self.runner = PolicyRunner.from_checkpoint(path, step=step, resize_backend="jax")
+        self.pipeline = self.runner.pipeline
+        self.horizon = int(self.runner.spec.horizon)
         self.settings = settings
-        self.state_dim = artifact.dim("state") if "state" in artifact.stats else 0
-        self.camera = settings.cameras[0]
-        size = spec.image_size
-        self._resize = jax.jit(lambda frame: resize_like_pipeline(frame, (size, size)))
-        self._tokens: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.state_dim = self.pipeline.metadata()["state_dim"]
+        self.camera = self.runner.spec.cameras[0]
 
     def _image(self, frame: np.ndarray) -> np.ndarray:
-        """``uint8 [S, S, 3]`` render -> ``uint8 [1, s, s, 3]``: compressed as the dataset stored it, then resized
-        like the training pipeline."""
+        """``uint8 [S, S, 3]`` render -> ``uint8 [1, S, S, 3]``, compressed as the dataset stored it."""
         if self.settings.image_encoding == "jpeg":
             import io
 
@@ -125,44 +120,18 @@ class _CheckpointActor:
 
             encoded = sim.encode_frame(frame, self.settings)
             frame = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
-        return np.asarray(self._resize(frame))[None]
+        return frame[None]
 
     def inputs(self, frame: np.ndarray, sim_obs: np.ndarray, instruction: str) -> dict:
-        """The model inputs :meth:`PolicyRunner.prepare` would build for this frame, state and instruction.
-
-        PolicyRunner.prepare resizes with TensorFlow, which crashes in a process that renders with Mesa EGL (both
-        bring their own LLVM), so the inputs are built here from the runner's own spec, normalization and tokenizer.
-        """
-        from vlax.tokenizers import encode_batch
-
-        runner, spec = self.runner, self.runner.spec
-        if instruction not in self._tokens:
-            self._tokens[instruction] = encode_batch(runner.tokenizer, [instruction], spec.max_text_len)
-        ids, mask = self._tokens[instruction]
-        state = sim_obs[None, :self.state_dim].astype(np.float32)
-        if self.state_dim:
-            state = runner.artifact.normalize("state", state)
-        state = np.pad(state, ((0, 0), (0, spec.state_dim - state.shape[-1]))).astype(np.float32)
-        return {"images": {self.camera: self._image(frame)}, "state": state, "text_ids": ids, "text_mask": mask}
+        """Model inputs for this frame, state and instruction, through the policy's observation pipeline."""
+        raw = {"images": {self.camera: self._image(frame)}, "state": sim_obs[None, :self.state_dim],
+               "prompt": [instruction]}
+        return self.pipeline.model_inputs(raw)
 
     def act(self, frame: np.ndarray, sim_obs: np.ndarray, instruction: str, key: Any) -> np.ndarray:
-        runner = self.runner
-        normalized = np.asarray(runner.sample_normalized(self.inputs(frame, sim_obs, instruction), key))
-        chunk = runner.artifact.unnormalize("action", normalized)[0]  # [H, A]
-        return np.clip(chunk.astype(np.float32), -1.0, 1.0)
-
-
-def resize_like_pipeline(frame: Any, size: tuple[int, int]) -> Any:
-    """``uint8 [h, w, 3]`` -> ``uint8 [H, W, 3]``: antialiased bilinear, rounded, as the training pipeline's
-    ``tf.image.resize(..., "bilinear", antialias=True)`` (same kernel; equal up to float rounding)."""
-    import jax
-    import jax.numpy as jnp
-
-    if tuple(frame.shape[:2]) == tuple(size):
-        return frame
-    resized = jax.image.resize(jnp.asarray(frame, jnp.float32), (*size, frame.shape[-1]), method="bilinear",
-                               antialias=True)
-    return jnp.clip(jnp.round(resized), 0, 255).astype(jnp.uint8)
+        normalized = self.runner.sample_normalized(self.inputs(frame, sim_obs, instruction), key)
+        chunk = self.pipeline.actions(normalized)[0]  # [H, A]
+        return np.clip(chunk, -1.0, 1.0)
 
 
 # Per process: the loaded policy (kept across episodes and tasks) and the jitted ensembling update.
