@@ -1,6 +1,15 @@
-"""Test-wide setup: 8 fake CPU devices before JAX initialises, and no hub access."""
+"""Test-wide setup: 8 fake CPU devices before JAX initialises, no hub access, and caches in a temporary directory."""
 
+import atexit
 import os
+import shutil
+import tempfile
+
+# Before any vlax import: vlax caches (statistics, file digests) default to ~/.cache/vlax, and tests must never
+# write outside temporary directories. A run that sets VLAX_CACHE_DIR itself keeps its choice.
+if not os.environ.get("VLAX_CACHE_DIR"):
+    os.environ["VLAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="vlax_test_cache_")
+    atexit.register(shutil.rmtree, os.environ["VLAX_CACHE_DIR"], ignore_errors=True)
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ["HF_HUB_OFFLINE"] = "1"

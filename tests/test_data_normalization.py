@@ -1,6 +1,7 @@
 """Normalization artifact: statistics, round trips, masks, JSON save/load, caching and mismatch errors."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -131,3 +132,18 @@ def test_artifact_hash_is_mandatory_and_errors_name_the_source(tmp_path):
                                                          r"norm.json\)\..*fine-tuning"):
         artifact.save(str(tmp_path / "norm.json"))
         NormalizationArtifact.load(str(tmp_path / "norm.json"), expected=_artifact(seed=1)[0])
+
+
+def test_default_cache_dir_honours_vlax_cache_dir(monkeypatch, tmp_path):
+    # conftest points VLAX_CACHE_DIR at a temporary directory, so no test writes under ~/.cache.
+    assert not os.environ["VLAX_CACHE_DIR"].startswith(os.path.expanduser("~/.cache"))
+    monkeypatch.setenv("VLAX_CACHE_DIR", str(tmp_path))
+    assert normalization.cache_root() == str(tmp_path)
+    assert normalization.default_cache_dir() == str(tmp_path / "stats")
+    from vlax.data.file_digest import file_digest
+
+    (tmp_path / "data.bin").write_bytes(b"abc")
+    file_digest(str(tmp_path / "data.bin"))
+    assert len(os.listdir(tmp_path / "file_digests")) == 1  # the digest memo lives there too
+    monkeypatch.delenv("VLAX_CACHE_DIR")
+    assert normalization.default_cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "vlax", "stats")

@@ -112,7 +112,9 @@ def test_head_trains_inside_linen_and_ignores_padding(name):
     for _ in range(4):
         loss, _, _, params, opt_state = train_step(params, opt_state, clean, key)
         losses.append(float(loss))
-    assert losses[-1] < losses[0], f"{name}: loss did not decrease: {losses}"
+    # Measured final/first (CPU): binned 0.67, binned_lm 0.38, chunk_cvae 0.27, flow_pi05 0.50, flow_smolvla 0.15,
+    # diffusion_unet 0.29; 0.8 leaves slack for other backends while failing a loss that barely moves.
+    assert losses[-1] <= 0.8 * losses[0], f"{name}: loss did not fall by 20%: {losses}"
 
 
 def test_docs_examples_run():

@@ -41,7 +41,8 @@ def test_lora_trains_only_adapters_and_merges_exactly():
         return loss
 
     losses = [float(step(layers, opt)) for _ in range(5)]
-    assert losses[-1] < losses[0]
+    # Measured (CPU): 3.72 -> 2.42 (0.65x) over 5 steps; 0.8x leaves slack but fails a loss that barely moves.
+    assert losses[-1] <= 0.8 * losses[0], f"LoRA loss did not fall by 20%: {losses}"
     base_after = jax.tree.map(np.asarray, nnx.state(layers, nnx.All(nnx.Param, nnx.Not(vn.LoRAParam))))
     jax.tree.map(np.testing.assert_array_equal, base_before, base_after)
 

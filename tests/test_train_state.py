@@ -48,7 +48,8 @@ def _run(mesh, steps=5):
 def test_one_device_equals_eight_device_mesh():
     single, _ = _run(None)
     sharded, state = _run(make_mesh(2, 2, 2))
-    assert single[-1] < single[0]
+    # Measured (CPU): 5.45 -> 2.59 (0.47x) over 5 steps; 0.7x leaves slack but fails a loss that barely moves.
+    assert single[-1] <= 0.7 * single[0], f"loss did not fall by 30%: {single.tolist()}"
     np.testing.assert_allclose(sharded, single, atol=1e-5)
     kernel = state.params["layers"]["mlp"]["gate_proj"]["kernel"]
     assert kernel.sharding.spec[2] == "tensor"  # the rules table was applied
