@@ -4,7 +4,6 @@ damaged file, and ``RLDSSource(ignore_errors=True)`` skips the damage with one w
 import logging
 import os
 import shutil
-import time
 
 import numpy as np
 import pytest
