@@ -232,7 +232,7 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
     if opt_cfg.freeze:
         print(f"frozen: {len(frozen_paths(nnx.to_pure_dict(state.params), opt_cfg))} parameter arrays")
 
-    data_iter = DataIterator(data.dataset)
+    data_iter = DataIterator(data)  # names the damaged file if a TFRecord turns out corrupted mid-run
     start = 0
     if resume_step is not None:
         start, state, _ = ckpt.restore_latest(state)
@@ -379,7 +379,13 @@ def _prune_iterators(workdir, ckpt: Checkpointer, keep_also: int) -> None:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # progress goes to stdout; checkpoint libraries log every file at INFO
+    layout = distributed.detect_layout(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id)
+    if layout is not None:
+        print(f"multi-process run: {layout.describe()}", flush=True)
     distributed.initialize(flags.FLAGS.coordinator, flags.FLAGS.num_processes, flags.FLAGS.process_id)
+    if layout is not None:
+        print(f"joined as process {jax.process_index()} of {jax.process_count()} with "
+              f"{jax.local_device_count()} local device(s)", flush=True)
     summary = train(_CONFIG.value)
     print(json.dumps({k: v for k, v in summary.items() if k != "losses"}))
 
