@@ -12,6 +12,9 @@ $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,sim]'
+	# openpi's PyPI client drives the policy server in the tests; it pins numpy<2, which vlax cannot take, and
+	# really imports only msgpack, websockets, numpy, pillow and dm-tree (all installed above).
+	$(PY) -m pip install --quiet --no-deps openpi-client==0.1.2
 	touch $(STAMP)
 
 test: $(STAMP)
