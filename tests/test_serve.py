@@ -16,9 +16,13 @@ from test_serve_support import ACTION_DIM, make_checkpoint, observation, raw
 from vlax.inference import PolicyRunner
 from vlax.serve import Client, PolicyServer, ServedPolicy, ServerError, ServerThread, packb
 
-openpi_client = pytest.importorskip(
-    "openpi_client.websocket_client_policy",
-    reason="pip install --no-deps openpi-client==0.1.2 (see the Makefile's test set-up)")
+
+
+@pytest.fixture(scope="module")
+def openpi_client():
+    """openpi's PyPI client, installed without its numpy<2 pin (the Makefile's test set-up does it)."""
+    return pytest.importorskip("openpi_client.websocket_client_policy",
+                               reason="pip install --no-deps openpi-client==0.1.2")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,7 @@ def server(checkpoint):
         yield running
 
 
-def test_openpi_client_gets_vlax_in_process_actions(checkpoint):
+def test_openpi_client_gets_vlax_in_process_actions(checkpoint, openpi_client):
     """openpi-client 0.1.2 from PyPI: metadata first, then actions equal to in-process sampling (same seed)."""
     with ServerThread(PolicyServer(_policy(checkpoint), port=0)) as running:
         client = openpi_client.WebsocketClientPolicy("127.0.0.1", running.port)
@@ -101,7 +105,7 @@ def test_second_client_is_served_during_a_long_inference(checkpoint):
         slow.close(), fast.close()
 
 
-def test_api_key_refused_without_served_with(checkpoint):
+def test_api_key_refused_without_served_with(checkpoint, openpi_client):
     with ServerThread(PolicyServer(_policy(checkpoint), port=0, api_key="s3cret", warmup=False)) as running:
         for key in (None, "wrong"):
             with pytest.raises(InvalidStatus, match="401"):

@@ -64,3 +64,10 @@ def test_threaded_broker_keeps_acting_while_the_policy_thinks():
     assert time.perf_counter() - started < 0.2  # steps 2.. ran from the old chunk during the query
     assert actions[:3] == [1, 2, 3]
     broker.close()
+
+
+def test_rtc_with_delay_equal_to_the_execution_horizon_queries_at_every_switch():
+    policy = Scripted()
+    broker = ActionChunkBroker(policy, execute_steps=4, mode="rtc", delay_steps=4, simulated_delay=True)
+    assert _run(broker, 13) == [0, 1, 2, 3, 4, 5, 6, 7, 104, 105, 106, 107, 204]
+    assert [len(r["vlax/prev_actions"]) for r in policy.requests[1:]] == [4, 4, 4]

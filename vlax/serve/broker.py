@@ -87,6 +87,18 @@ class ActionChunkBroker:
         self.chunk, self.index, self._pending = chunk, index, None
         self.switches.append(self.steps)
 
+    def _maybe_switch(self) -> None:
+        if self._pending is None:
+            return
+        if not self._ready() and self.index >= len(self.chunk):
+            if self.simulated:  # the old chunk ran out: wait the rest of the delay
+                self.waits += self.d - self._elapsed
+                self._elapsed = self.d
+            else:
+                self._pending.result()
+        if self._ready():
+            self._switch(self._result(), min(self._elapsed, len(self.chunk) - 1))
+
     def act(self, obs: Mapping[str, Any]) -> np.ndarray:
         """The action ``[A]`` to execute now."""
         if self.chunk is None:  # first call of an episode: nothing to execute while waiting
@@ -97,17 +109,11 @@ class ActionChunkBroker:
                 self._switch(self._query(obs, None), 0)
                 self.waits += self.d
         else:
+            self._maybe_switch()
             if self._pending is None and self.index >= self.s:
+                # Right after a switch when d == s: the next query starts from this very step.
                 self._launch(obs)
-            if self._pending is not None:
-                if not self._ready() and self.index >= len(self.chunk):
-                    if self.simulated:  # the old chunk ran out: wait the rest of the delay
-                        self.waits += self.d - self._elapsed
-                        self._elapsed = self.d
-                    else:
-                        self._pending.result()
-                if self._ready():
-                    self._switch(self._result(), min(self._elapsed, len(self.chunk) - 1))
+                self._maybe_switch()
         action = self.chunk[min(self.index, len(self.chunk) - 1)]
         self.index += 1
         self.steps += 1
