@@ -58,6 +58,7 @@ def test_openpi_client_gets_vlax_in_process_actions(checkpoint, openpi_client):
 
 
 def test_vlax_client_and_healthz(server):
+    assert server.server.warmup_s > 0  # compiled before the port opened
     with Client("127.0.0.1", server.port) as client:
         assert client.metadata["head"] == "FlowHead"
         actions = client.infer(observation(3))["actions"]
