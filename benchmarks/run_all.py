@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-CPU_BENCHMARKS = ("bench_attention", "bench_backbone", "bench_heads", "bench_train_step", "bench_data")
+CPU_BENCHMARKS = ("bench_attention", "bench_backbone", "bench_heads", "bench_train_step", "bench_data", "bench_serve")
 
 
 def main() -> None:
