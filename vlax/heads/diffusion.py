@@ -25,7 +25,8 @@ from flax import nnx
 
 from vlax.nn import ContextSpec, Dense, HeadContext, LayerNorm, scan_layers, stack_layers
 from vlax.nn import noise_schedules as ns
-from vlax.nn.head_base import ActionHead, AttentionPool, RngLike, dropout, masked_mean, masked_mean_pool, split_rngs
+from vlax.nn.head_base import (ActionHead, AttentionPool, RngLike, dropout, guide_weight_array, masked_mean,
+                               masked_mean_pool, split_rngs)
 from vlax.nn.params import param
 
 
@@ -217,19 +218,6 @@ class ConditionalUnet1D(nnx.Module):
         return self.final_conv(self.final_block(x))
 
 
-def _guide_weights(weights: jax.Array | None, target: jax.Array) -> jax.Array:
-    """RTC weights ``[B, H]`` or ``[B, H, A]`` (``None``: every entry) as ``[B, H, A]`` float32 (as the flow head's)."""
-    if weights is None:
-        return jnp.ones(target.shape, jnp.float32)
-    weights = jnp.asarray(weights, jnp.float32)
-    if weights.ndim == target.ndim - 1:
-        weights = weights[..., None]
-    if weights.ndim != target.ndim:
-        raise ValueError(f"guide_weights has shape {tuple(weights.shape)}; expected [B, H] or [B, H, A] for "
-                         f"guide_actions of shape {tuple(target.shape)}")
-    return jnp.broadcast_to(weights, target.shape)
-
-
 # ---- the head ------------------------------------------------------------------------------------------------------
 DENOISERS = ("mlp_resnet", "unet1d")
 SAMPLERS = ("ddpm", "ddim")
@@ -336,7 +324,7 @@ class DiffusionHead(ActionHead):
                       clip_sample_range=self.clip_sample_range)
 
         if guide_actions is not None:
-            weights = _guide_weights(guide_weights, guide_actions)
+            weights = guide_weight_array(guide_weights, guide_actions)
             target = jnp.asarray(guide_actions, x.dtype)
 
         def step(i, x):

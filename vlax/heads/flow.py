@@ -31,7 +31,7 @@ from flax import nnx, struct
 
 from vlax.nn import (Attention, ContextSpec, Dense, GatedMlp, HeadContext, KVCache, RMSNorm, RopeConfig,
                      dot_product_attention, positions_from_mask, prefix_suffix_mask, scan_layers, stack_layers)
-from vlax.nn.head_base import ActionHead, RngLike, masked_mean, sincos_embedding, split_rngs
+from vlax.nn.head_base import ActionHead, RngLike, guide_weight_array, masked_mean, sincos_embedding, split_rngs
 
 
 # ---- action experts ------------------------------------------------------------------------------------------------
@@ -253,19 +253,6 @@ def sample_beta(key: jax.Array, a: float, b: float, shape: tuple[int, ...]) -> j
     if a == 1.0:
         return 1.0 - jax.random.uniform(key, shape) ** (1.0 / b)
     return jax.random.beta(key, a, b, shape)
-
-
-def guide_weight_array(weights: jax.Array | None, target: jax.Array) -> jax.Array:
-    """Guidance weights ``[B, H]`` or ``[B, H, A]`` (``None``: every entry) as ``[B, H, A]`` float32."""
-    if weights is None:
-        return jnp.ones(target.shape, jnp.float32)
-    weights = jnp.asarray(weights, jnp.float32)
-    if weights.ndim == target.ndim - 1:
-        weights = weights[..., None]
-    if weights.ndim != target.ndim:
-        raise ValueError(f"guide_weights has shape {tuple(weights.shape)}; expected [B, H] or [B, H, A] for "
-                         f"guide_actions of shape {tuple(target.shape)}")
-    return jnp.broadcast_to(weights, target.shape)
 
 
 TIME_CONDITIONING = ("concat", "adarms")

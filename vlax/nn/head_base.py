@@ -168,3 +168,16 @@ class ActionHead(nnx.Module):
                                  f"{tuple(actions.shape)}; use [B, H, 1] for padded steps, [A] for padded dims, "
                                  f"or combine_masks(time_mask, dim_mask)") from None
         return jnp.where(mask > 0, actions, 0.0).astype(actions.dtype), mask
+
+
+def guide_weight_array(weights: jax.Array | None, target: jax.Array) -> jax.Array:
+    """Real-time-chunking guidance weights ``[B, H]`` or ``[B, H, A]`` (``None``: every entry) as ``[B, H, A]`` float32."""
+    if weights is None:
+        return jnp.ones(target.shape, jnp.float32)
+    weights = jnp.asarray(weights, jnp.float32)
+    if weights.ndim == target.ndim - 1:
+        weights = weights[..., None]
+    if weights.ndim != target.ndim:
+        raise ValueError(f"guide_weights has shape {tuple(weights.shape)}; expected [B, H] or [B, H, A] for "
+                         f"guide_actions of shape {tuple(target.shape)}")
+    return jnp.broadcast_to(weights, target.shape)
