@@ -18,7 +18,7 @@ from flax import nnx
 
 from benchmarks.common import device_name
 from experiments.configs.metaworld import get_config
-from vlax.build import build_policy
+from vlax.build import build_policy, config_cameras
 from vlax.policy import PolicySpec
 from vlax.train.flops import count_flops
 from vlax.train.metrics import matmul_peak, time_call
@@ -57,7 +57,7 @@ def measure(variant: str, head: str, batch: int, dtype: str | None, peaks: dict,
         cfg.model.backbone_overrides.remat = remat
     if head.startswith("flow"):
         cfg.model.state_input = "head"
-    spec = PolicySpec(cameras=(cfg.data.camera,), image_size=cfg.data.image_size, state_dim=cfg.model.state_dim,
+    spec = PolicySpec(cameras=config_cameras(cfg), image_size=cfg.data.image_size, state_dim=cfg.model.state_dim,
                       action_dim=cfg.model.action_dim, horizon=cfg.data.action_horizon,
                       max_text_len=cfg.model.max_text_len, state_input=cfg.model.state_input)
     vocab = 128

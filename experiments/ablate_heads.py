@@ -11,7 +11,7 @@ proprioceptive state and the instruction only.
 
 Columns: closed-loop success per task and mean; the final training loss (not comparable across heads: L1, MSE
 and cross-entropy differ in kind); parameters; train steps/s; inference latency per chunk (one
-``sample_actions`` call on one observation during evaluation, compilation excluded) and per executed action.
+``PolicyRunner.infer`` call on one observation during evaluation, compilation excluded) and per executed action.
 """
 
 from __future__ import annotations
