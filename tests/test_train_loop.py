@@ -1,4 +1,5 @@
-"""The training loop: exact resume after SIGKILL, a checkpoint on SIGTERM, every head's loss falls."""
+"""The training loop: exact resume after SIGKILL, a checkpoint on SIGTERM, every head's loss falls by a stated
+margin."""
 
 import json
 import os
@@ -81,6 +82,14 @@ def test_sigterm_saves_a_checkpoint(tmp_path, data_dir):
     assert steps and steps[-1] == max(_losses(c.workdir))
 
 
+# Last-5 mean / first-5 mean of the logged losses over 40 steps, measured on this config (one CPU run each):
+# binned 0.80, binned_lm 0.81, chunk 0.59, chunk_cvae 0.14, diffusion 0.56, diffusion_unet 0.97, flow 0.85,
+# flow_pi05 0.57, flow_smolvla 0.67. The bound leaves room for run-to-run noise; the U-Net diffusion head barely
+# moves in 40 steps on this config, so it only has to fall.
+LOSS_RATIO = {"chunk_cvae": 0.5, "diffusion_unet": 0.995}
+DEFAULT_LOSS_RATIO = 0.9
+
+
 @pytest.mark.parametrize("head", sorted(HEADS))
 def test_every_head_trains_through_the_loop(tmp_path, data_dir, head):
     from experiments.train import train
@@ -92,4 +101,5 @@ def test_every_head_trains_through_the_loop(tmp_path, data_dir, head):
     summary = train(c)
     losses = np.array(summary["losses"])
     assert np.all(np.isfinite(losses))
-    assert losses[-5:].mean() < losses[:5].mean(), f"{head}: loss did not fall ({losses[:5]} -> {losses[-5:]})"
+    ratio, bound = losses[-5:].mean() / losses[:5].mean(), LOSS_RATIO.get(head, DEFAULT_LOSS_RATIO)
+    assert ratio <= bound, f"{head}: last-5 / first-5 loss {ratio:.3f} > {bound} ({losses[:5]} -> {losses[-5:]})"

@@ -82,6 +82,9 @@ def _base() -> ml_collections.ConfigDict:
     c.train.ema_decay = 0.0                       # > 0 keeps an EMA of the weights
     c.train.tensorboard = True
     c.train.max_minutes = 0.0                     # > 0: stop (and save) after this wall time
+    c.train.stop_check_every = 10                 # multi-process: steps between agreed stop checks (signal/time)
+    c.train.progress = True                       # progress bar on process 0
+    c.train.resume_without_data_state = False     # True: resume a checkpoint lacking its data-iterator state
 
     c.finetune = ml_collections.ConfigDict()
     c.finetune.checkpoint = ""                    # a workdir or checkpoint dir to start from

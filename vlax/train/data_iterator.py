@@ -1,7 +1,8 @@
 """A data iterator whose position is saved with each checkpoint, so a resumed run sees the same batches.
 
 tf.data checkpoints the iterator itself (shuffle buffers included); each host saves its own under
-``<dir>/host_<process_index>``.
+``<dir>/host_<process_index>``. Directories are strings handed to ``tf.io`` (never ``pathlib``, which would turn
+``gs://b/r`` into a local ``gs:/b/r``), so the state lands beside the checkpoints on any URL tf.io writes.
 
 A corrupted TFRecord surfaces as :class:`vlax.data.rlds_reader.CorruptedDataError` naming the damaged file(s)
 (TF's own ``DataLossError`` says only "corrupted record at <offset>").
@@ -9,7 +10,7 @@ A corrupted TFRecord surfaces as :class:`vlax.data.rlds_reader.CorruptedDataErro
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -64,13 +65,19 @@ class DataIterator:
             ) from e
         return self._tf.nest.map_structure(lambda t: t.numpy(), batch)
 
-    def save(self, directory: str | Path) -> str:
-        path = Path(directory) / f"host_{jax.process_index()}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return self._checkpoint.write(str(path / "iterator"))
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write this host's position under ``directory`` (a local path or a URL); returns the checkpoint prefix."""
+        path = _join(directory, f"host_{jax.process_index()}")
+        self._tf.io.gfile.makedirs(path)
+        return self._checkpoint.write(_join(path, "iterator"))
 
-    def restore(self, directory: str | Path) -> None:
-        path = Path(directory) / f"host_{jax.process_index()}" / "iterator"
-        if not Path(str(path) + ".index").exists():
+    def restore(self, directory: str | os.PathLike) -> None:
+        path = _join(directory, f"host_{jax.process_index()}", "iterator")
+        if not self._tf.io.gfile.exists(path + ".index"):
             raise FileNotFoundError(f"no data-iterator state at {path}; cannot resume the data order exactly")
-        self._checkpoint.read(str(path)).assert_consumed()
+        self._checkpoint.read(path).assert_consumed()
+
+
+def _join(directory: str | os.PathLike, *names: str) -> str:
+    """``directory/name/...`` as a string, keeping ``scheme://`` intact (``epath.Path`` and ``str`` alike)."""
+    return "/".join([os.fspath(directory).rstrip("/"), *names])

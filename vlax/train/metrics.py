@@ -4,13 +4,14 @@ scalars to stdout, a JSON-lines file and TensorBoard."""
 from __future__ import annotations
 
 import json
+import os
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 
 def block(x: Any) -> Any:
@@ -66,26 +67,44 @@ def memory_report(compiled, state: Any) -> str:
     return f"memory per device: params {params:.1f} MiB, optimizer {opt:.1f} MiB, activations+temporaries {temp:.1f} MiB"
 
 
-class MetricWriter:
-    """Scalars to stdout (every call), ``metrics.jsonl`` and TensorBoard (process 0 only)."""
+def _path(workdir: str | os.PathLike) -> epath.Path:
+    """``workdir`` as an ``epath.Path``: ``gs://`` and other URLs stay URLs (``pathlib`` would make ``gs:/b/r``)."""
+    return epath.Path(os.fspath(workdir))
 
-    def __init__(self, workdir: str | Path, tensorboard: bool = True):
+
+class MetricWriter:
+    """Scalars to stdout (every call), ``metrics.jsonl`` and TensorBoard (process 0 only).
+
+    ``workdir`` may be a URL (``gs://...``): object stores cannot append, so there the file is rewritten whole at
+    each write (a few hundred lines per run); local files are appended to.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = _path(workdir) / "metrics.jsonl"
+        self._url = "://" in os.fspath(workdir)
+        self._lines: list[str] | None = None
         self._tb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard:
                 import tensorflow as tf
 
-                self._tb = tf.summary.create_file_writer(str(Path(workdir) / "tensorboard"))
+                self._tb = tf.summary.create_file_writer(os.fspath(_path(workdir) / "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in scalars.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        line = json.dumps({"step": step, **scalars}) + "\n"
+        if self._url:
+            if self._lines is None:  # a resumed run keeps the lines written before it
+                self._lines = [self.path.read_text()] if self.path.exists() else []
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
         if self._tb is not None:
             import tensorflow as tf
 
@@ -95,6 +114,6 @@ class MetricWriter:
             self._tb.flush()
 
 
-def read_metrics(workdir: str | Path) -> list[dict]:
-    path = Path(workdir) / "metrics.jsonl"
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    path = _path(workdir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
