@@ -52,3 +52,39 @@ def test_missing_required_flag_is_reported():
     proc = subprocess.run([sys.executable, str(ROOT / "tpu" / "pod.py"), "--name=p", "--zone=z", "create"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--accelerator" in proc.stderr
+
+
+def _documented_train_commands() -> list[list[str]]:
+    """The trainer arguments of every command in tpu/README.md (``experiments.train`` or ``pod.py launch --``)."""
+    text = (ROOT / "tpu" / "README.md").read_text().replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        words = shlex.split(line.replace("$RANK", "3"), comments=True) if "--config=" in line else []
+        if "experiments.train" in words:
+            commands.append(words[words.index("experiments.train") + 1:])
+        elif "launch" in words and "--" in words:
+            commands.append(words[words.index("--") + 1:])
+    return commands
+
+
+def test_readme_commands_use_real_trainer_flags():
+    """Every flag the README documents is a flag of experiments/train.py or a field of the config it names."""
+    import importlib.util
+
+    trainer_flags = {"config", "coordinator", "num_processes", "process_id"}
+    commands = _documented_train_commands()
+    assert len(commands) == 3
+    for args in commands:
+        names = {a[2:].split("=", 1)[0] for a in args if not a.startswith("--config.")}
+        assert names <= trainer_flags, names - trainer_flags
+        (path, variant), = [a.split("=", 1)[1].split(":") for a in args if a.startswith("--config=")]
+        spec = importlib.util.spec_from_file_location("documented_config", ROOT / path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        cfg = module.get_config(variant)
+        for arg in args:
+            if arg.startswith("--config."):
+                key = arg[len("--config."):].split("=", 1)[0]
+                node = cfg
+                for part in key.replace("]", "").replace("[", ".").split("."):
+                    node = node[int(part)] if part.isdigit() else node[part]  # KeyError/IndexError: not real
