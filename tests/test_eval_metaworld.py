@@ -103,7 +103,10 @@ def test_open_loop_metric_of_a_checkpoint_matches_the_runner(flow_policy):
 
     runner = PolicyRunner.from_checkpoint(flow_policy.workdir)
     config = DataConfig(batch_size=4, action_horizon=runner.spec.horizon, image_size=32, train=False)
-    data = build_pipeline([metaworld_source(flow_policy.data.sources[0].path)], config)
+    from vlax.data.source_config import rlds_version_dir
+
+    data = build_pipeline([metaworld_source(rlds_version_dir(f"{flow_policy.data.sources[0].path}/metaworld_experts"))],
+                          config)
     batches = list(zip(range(1), iter(data)))
     metrics = open_loop_metrics(runner, (b for _, b in batches), num_batches=1, rng=jax.random.key(5))
     # The same numbers through the runner's public path: raw state in, un-normalized actions out.

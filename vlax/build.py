@@ -63,6 +63,8 @@ def backbone_vocab_size(model: Mapping[str, Any], text_vocab_size: int) -> int:
 def config_cameras(config: Mapping[str, Any]) -> tuple[str, ...]:
     """The policy camera names the config's data sources map to, in order of first appearance."""
     cameras: list[str] = []
+    if "sources" not in config["data"]:  # a bare spec-only config names its camera directly
+        return (config["data"].get("camera", "corner2"),)
     for entry in config["data"]["sources"]:
         for camera in dict(entry.get("cameras") or {}).values():
             if camera not in cameras:
