@@ -5,8 +5,12 @@
 
 The format is detected from the files (``kind: auto``); cameras, state and action keys default to the dataset's
 own (every image feature under its short name, ``observation.state`` / ``action`` for LeRobot, ``state`` /
-``action`` for RLDS) and can be set per source (see :mod:`vlax.data.source_config`). ``model.action_dim`` and
-``model.state_dim`` must match the data (checked before training starts). Variants: ``tiny`` (CPU) and ``small``
+``action`` for RLDS) and can be set per source (see :mod:`vlax.data.source_config`); the camera map is a tuple of
+(dataset key, camera) pairs, because LeRobot keys have dots::
+
+    --config.data.sources[0].cameras="(('observation.images.top', 'top'), ('observation.images.wrist', 'wrist'))"
+
+``model.action_dim`` and ``model.state_dim`` must match the data (checked before training starts). Variants: ``tiny`` (CPU) and ``small``
 (one GPU). Start from another run's weights with ``--config.finetune.checkpoint=<workdir>``.
 """
 
@@ -21,7 +25,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c = metaworld.get_config(variant)
     c.workdir = "runs/finetune"
     c.data.sources = [ml_collections.ConfigDict({
-        "kind": "auto", "path": "", "weight": 1.0, "cameras": {}, "state_keys": (), "action_keys": (),
+        "kind": "auto", "path": "", "weight": 1.0, "cameras": (), "state_keys": (), "action_keys": (),
         "gripper_dims": None, "normalization": "", "ignore_errors": False})]
     c.data.normalization = "normal"
     c.data.action_horizon = 8

@@ -366,17 +366,29 @@ class LeRobotSource:
         mine = list(range(index, len(self.episodes), count))
         self.files = sorted({self._data_path(self.episodes[p]) for p in mine})
 
-        def generate():
-            epoch = 0
-            while True:
-                order = np.random.default_rng([seed, epoch]).permutation(mine) if shuffle else mine
-                for position in order:
-                    yield self.load_episode(int(position))
-                epoch += 1
-                if not repeat:
-                    return
+        signature = self._signature()
+        specs = tf.nest.flatten(signature)
 
-        return tf.data.Dataset.from_generator(generate, output_signature=self._signature())
+        def order(epoch):
+            rng = np.random.default_rng([seed, int(epoch)])
+            return np.asarray(rng.permutation(mine) if shuffle else mine, np.int64)
+
+        def load(position):
+            return [np.asarray(x) for x in tf.nest.flatten(self.load_episode(int(position)))]
+
+        def episode(position):
+            flat = tf.numpy_function(load, [position], [spec.dtype for spec in specs], stateful=False)
+            for tensor, spec in zip(flat, specs):
+                tensor.set_shape(spec.shape)
+            return tf.nest.pack_sequence_as(signature, flat)
+
+        # Not from_generator: the trainer checkpoints its data iterator with every model checkpoint, and a
+        # generator-backed dataset cannot be checkpointed. Epoch e visits the episodes in a permutation seeded by
+        # (seed, e), as before.
+        epochs = tf.data.Dataset.range(1 << 62 if repeat else 1)
+        positions = epochs.flat_map(lambda e: tf.data.Dataset.from_tensor_slices(
+            tf.ensure_shape(tf.numpy_function(order, [e], tf.int64, stateful=False), [len(mine)])))
+        return positions.map(episode)
 
     def instructions(self) -> list[str]:
         """Every task string of the dataset (for building a word vocabulary)."""

@@ -10,7 +10,9 @@
 
 ``kind`` is ``rlds``, ``lerobot``, ``metaworld`` (the scripted-expert generator: generated on first use) or
 ``auto`` (detected from the files at ``path``). ``cameras`` maps the dataset's image keys to the policy's camera
-names (empty: every image key under its short name); ``state_keys`` / ``action_keys`` are concatenated in the
+names (empty: every image key under its short name), as a mapping or as ``(dataset key, camera)`` pairs: LeRobot
+keys have dots, which a ConfigDict field name cannot, so a config (and the command line) spells them as pairs,
+``--config.data.sources[0].cameras="(('observation.images.top', 'top'),)"``; ``state_keys`` / ``action_keys`` are concatenated in the
 order given (empty: the format's default); ``gripper_dims`` are action dims left unnormalized; ``normalization``
 overrides the run's type for this source; ``ignore_errors`` skips unreadable records of corrupted RLDS files.
 Every problem is reported before any data is read.
@@ -79,9 +81,26 @@ def source_entry(entry: Mapping[str, Any]) -> dict:
         raise DataSourceError(f"data source of kind {out['kind']!r} needs a path (--config.data.sources[i].path=...)")
     if float(out["weight"]) < 0:
         raise DataSourceError(f"data source weight {out['weight']} must be >= 0")
-    out["cameras"] = dict(out["cameras"] or {})
+    out["cameras"] = camera_pairs(out["cameras"])
     out["state_keys"] = tuple(out["state_keys"] or ())
     out["action_keys"] = tuple(out["action_keys"] or ())
+    return out
+
+
+def camera_pairs(cameras: Any) -> dict[str, str]:
+    """A camera map given as a mapping or as ``(dataset key, camera)`` pairs -> ``{dataset key: camera}``."""
+    if not cameras:
+        return {}
+    if hasattr(cameras, "keys"):
+        return {str(k): str(cameras[k]) for k in cameras.keys()}
+    out = {}
+    for pair in cameras:
+        if isinstance(pair, str) or len(pair) != 2:
+            raise DataSourceError(f"cameras entry {pair!r} is not a (dataset key, camera) pair; write e.g. "
+                                  "cameras=(('observation.images.top', 'top'),)")
+        if pair[0] in out:
+            raise DataSourceError(f"cameras names dataset key {pair[0]!r} twice")
+        out[str(pair[0])] = str(pair[1])
     return out
 
 
@@ -142,7 +161,8 @@ def open_rlds(entry: Mapping[str, Any]) -> Any:
         kwargs["language_key"] = entry["language_key"]
     return _with_camera_errors(lambda: RLDSSource(
         rlds_version_dir(entry["path"]), name=entry["name"] or None, image_keys=_camera_map(entry),
-        ignore_errors=bool(entry["ignore_errors"]), gripper_last=entry["gripper_dims"] is None, **kwargs), entry)
+        ignore_errors=bool(entry["ignore_errors"]), gripper_last=entry["gripper_dims"] is None, **kwargs), entry,
+        lambda: rlds_image_keys(rlds_version_dir(entry["path"])))
 
 
 def open_lerobot(entry: Mapping[str, Any]) -> Any:
@@ -155,12 +175,34 @@ def open_lerobot(entry: Mapping[str, Any]) -> Any:
         kwargs["action_key"] = list(entry["action_keys"])
     return _with_camera_errors(lambda: LeRobotSource(
         entry["path"], name=entry["name"] or None, image_keys=_camera_map(entry), gripper_last=False, **kwargs),
-        entry)
+        entry, lambda: lerobot_image_keys(entry["path"]))
 
 
-def _with_camera_errors(make, entry: Mapping[str, Any]) -> Any:
+def rlds_image_keys(data_dir: str) -> list[str]:
+    """The observation keys of an RLDS dataset that hold images."""
+    import tensorflow_datasets as tfds
+
+    observation = tfds.builder_from_directory(data_dir).info.features["steps"]["observation"]
+    return sorted(k for k in observation.keys() if isinstance(observation[k], tfds.features.Image))
+
+
+def lerobot_image_keys(root: str) -> list[str]:
+    """The video and image features of a LeRobot v3 dataset."""
+    import json
+
+    with open(os.path.join(root, "meta", "info.json")) as f:
+        features = json.load(f).get("features", {})
+    return sorted(k for k, v in features.items() if isinstance(v, Mapping) and v.get("dtype") in ("video", "image"))
+
+
+def _with_camera_errors(make, entry: Mapping[str, Any], image_keys) -> Any:
     try:
         return make()
     except KeyError as e:
+        missing = [k for k in entry["cameras"] if k not in image_keys()]
+        if missing:
+            raise DataSourceError(
+                f"data source {entry['path']!r}: data.sources[i].cameras names {missing}, which the dataset lacks; "
+                f"its image keys are {image_keys()}") from None
         raise DataSourceError(f"data source {entry['path']!r}: {e.args[0] if e.args else e}; fix "
                               "data.sources[i].cameras / state_keys / action_keys") from None
