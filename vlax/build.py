@@ -90,6 +90,13 @@ def check_components(model: Mapping[str, Any]) -> None:
     """Unknown encoder / backbone / head names are an error before any data is read or generated."""
     from vlax.backbones.config import CONFIGS
 
+    if model.get("preset"):
+        from vlax.presets import get_preset
+
+        get_preset(model["preset"])
+        if model["head"] not in HEADS:
+            raise ValueError(f"unknown action head {model['head']!r} (model.head); known: {sorted(HEADS)}")
+        return  # a preset names its own encoder and backbone
     for kind, name, known in (("action head", model["head"], HEADS), ("encoder", model["encoder"], ENCODERS),
                               ("backbone", model["backbone"], CONFIGS)):
         if name not in known:
@@ -99,7 +106,12 @@ def check_components(model: Mapping[str, Any]) -> None:
 def build_policy(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: int, rngs: nnx.Rngs) -> VLA:
     """``model`` keys: ``encoder``, ``encoder_kwargs``, ``backbone`` (a named config), ``backbone_overrides``,
     ``head``, ``head_kwargs``, ``head_defaults`` (``{head name: kwargs}``, used when that head is chosen),
-    ``dtype`` (compute dtype, e.g. ``"bfloat16"``; parameters stay float32)."""
+    ``dtype`` (compute dtype, e.g. ``"bfloat16"``; parameters stay float32), ``preset`` (a published family from
+    :mod:`vlax.presets`, built by its own builder; empty for the generic VLA)."""
+    if model.get("preset"):
+        from vlax.presets import get_preset
+
+        return get_preset(model["preset"])(model, spec, text_vocab_size, rngs)
     head_name = model["head"]
     if head_name not in HEADS:
         raise ValueError(f"unknown action head {head_name!r}; known: {sorted(HEADS)}")
