@@ -1,6 +1,7 @@
 """Normalization as an artifact: statistics + how they are applied, saved as JSON and checked when loaded.
 
-An artifact records the normalization ``type`` (``normal``: z-score, ``bounds``: [q01, q99] -> [-1, 1], ``none``),
+An artifact records the normalization ``type`` (``normal``: z-score, ``bounds``: [q01, q99] -> [-1, 1], ``min_max``: [min, max] -> [-1, 1] as
+Diffusion Policy uses, ``none``),
 the ``keys`` in order (``action``, ``state``), a per-dimension ``masks`` (True = normalized; grippers usually
 False), the ``padded_dims`` the model sees, the ``stats`` (mean, std, min, max, q01, q99, count per dimension) and the
 ``dataset_hash`` of the data they came from. ``artifact_hash`` covers all of it and must be present when an
@@ -20,7 +21,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-NORMALIZATION_TYPES = ("normal", "bounds", "none")
+NORMALIZATION_TYPES = ("normal", "bounds", "min_max", "none")
 STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")
 # Keeps constant dimensions finite; small enough that normalize -> unnormalize stays exact to fp32 precision.
 EPSILON = 1e-8
@@ -179,6 +180,8 @@ class NormalizationArtifact:
             shift, scale = s["mean"], s["std"] + EPSILON
         elif self.type == "bounds":
             shift, scale = (s["q99"] + s["q01"]) / 2, (s["q99"] - s["q01"]) / 2 + EPSILON
+        elif self.type == "min_max":
+            shift, scale = (s["max"] + s["min"]) / 2, (s["max"] - s["min"]) / 2 + EPSILON
         else:
             shift, scale = np.zeros_like(s["mean"]), np.ones_like(s["mean"])
         mask = np.asarray(self.masks[key], bool)

@@ -27,7 +27,7 @@ class DataConfig:
     window: int = 1  # observation window W
     action_horizon: int = 1  # action chunk H
     image_size: int | Mapping[str, tuple[int, int]] = 128  # square size for every camera, or camera -> (H, W)
-    normalization: str = "bounds"  # normal | bounds | none
+    normalization: str = "bounds"  # normal | bounds | min_max | none
     normalization_masks: Mapping[str, tuple[bool, ...]] | None = None  # default: all dims but the gripper
     max_action_dim: int | None = None  # pad actions to this (default: the largest over the sources)
     max_state_dim: int | None = None
