@@ -184,6 +184,19 @@ def jit_guarded_step(pure_step, state_shardings, mesh):
                    out_shardings=(state_shardings, replicated, replicated))
 
 
+def check_batch_fits_mesh(batch_size: int, mesh) -> None:
+    """The global batch is split over the mesh's data and fsdp axes: it must divide evenly, and each process
+    must hold whole examples."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % shards:
+        fit = (batch_size // shards + 1) * shards
+        raise ValueError(f"data.batch_size={batch_size} does not split over the {shards} batch shards of the mesh "
+                         f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}, {mesh.devices.size} devices); "
+                         f"use a multiple of {shards}, e.g. --config.data.batch_size={fit}, or change --config.mesh")
+    if batch_size % jax.process_count():
+        raise ValueError(f"data.batch_size={batch_size} is not divisible by the {jax.process_count()} processes")
+
+
 # ---- the run -------------------------------------------------------------------------------------------------------
 
 def train(cfg: ml_collections.ConfigDict) -> dict:
@@ -191,6 +204,8 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
     # Everything that can be checked without reading data is checked first.
     check_components(cfg.model)
     entries = check_sources(cfg.data.sources)
+    mesh = make_mesh(**cfg.mesh)
+    check_batch_fits_mesh(cfg.data.batch_size, mesh)
     workdir = as_path(cfg.workdir)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.train.keep)
     resume_step = ckpt.latest_step
@@ -219,8 +234,6 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
     val_sets = validation(cfg, sources, tokenize, dims)
 
     # Parameters are created in their shardings by one jit: no host ever holds the whole tree.
-    mesh = make_mesh(**cfg.mesh)
-
     def build():
         return build_policy(cfg.model, spec, tokenizer.vocab_size, nnx.Rngs(cfg.seed))
 

@@ -92,3 +92,20 @@ def test_unknown_component_is_an_error_before_any_data_is_generated(tmp_path, fi
     with pytest.raises(ValueError, match=rf"unknown {kind} 'no_such_thing' \(model\.{field}\); known: \["):
         train(c)
     assert not data_dir.exists()
+
+
+def test_batch_that_does_not_split_over_the_devices_is_an_error_before_any_data_is_generated(tmp_path):
+    import jax
+
+    data_dir = tmp_path / "metaworld_not_generated"
+    c = tiny_config(tmp_path / "run", data_dir, steps=1)
+    shards = jax.device_count()
+    c.data.batch_size = shards + 1 if shards > 1 else 1
+    from experiments.train import train
+
+    if shards == 1:
+        pytest.skip("one device: every batch size splits")
+    with pytest.raises(ValueError, match=rf"data.batch_size={shards + 1} does not split over the {shards} batch "
+                                         rf"shards.*--config.data.batch_size={2 * shards}"):
+        train(c)
+    assert not data_dir.exists()
