@@ -1,0 +1,63 @@
+"""One path from a raw observation to model inputs: the training batch (tf.data: resize, normalization, prompt
+formatting and tokenization inside the pipeline) and the inference / serving path (ObservationPipeline.model_inputs
+on the raw frames, state and instruction) give bit-identical inputs for the same dataset steps."""
+
+import numpy as np
+import pytest
+
+from vlax.data import DataConfig, InMemorySource, build_pipeline
+from vlax.observation import ObservationPipeline
+from vlax.policy import PolicySpec
+from vlax.prompts import tokenize_prompts
+from vlax.tokenizers import ByteTokenizer
+
+INSTRUCTIONS = ("pick up the red cube", "open_the top drawer\n")
+
+
+def trajectories(rng) -> list[dict]:
+    trajs = []
+    for i, instruction in enumerate(INSTRUCTIONS):
+        steps = 6 + i
+        # a distinct state per step (its first value) so each batch row names its dataset step
+        state = np.concatenate([np.arange(steps)[:, None] + 10 * i, rng.normal(size=(steps, 2))], 1)
+        trajs.append({"action": rng.normal(size=(steps, 3)).astype(np.float32),
+                      "state": state.astype(np.float32),
+                      "images": {"top": rng.integers(0, 256, (steps, 48, 80, 3), np.uint8),   # resized to 32
+                                 "wrist": rng.integers(0, 256, (steps, 32, 32, 3), np.uint8)},
+                      "language_instruction": instruction})
+    return trajs
+
+
+@pytest.mark.parametrize("prompt,normalization", [("plain", "bounds"), ("pi05", "normal")])
+def test_training_batch_and_raw_observation_give_identical_model_inputs(prompt, normalization):
+    trajs = trajectories(np.random.default_rng(0))
+    source = InMemorySource("arm", trajs, gripper_last=True)
+    spec = PolicySpec(cameras=("top", "wrist"), image_size=32, state_dim=3, action_dim=3, horizon=2,
+                      max_text_len=48)
+    tokenizer = ByteTokenizer()
+
+    def tokenize(instructions, states):  # the function experiments/train.py hands the data pipeline
+        return tokenize_prompts(tokenizer, prompt, instructions, spec.max_text_len, states)
+
+    config = DataConfig(batch_size=4, action_horizon=2, image_size=32, normalization=normalization, train=False,
+                        drop_remainder=False, stats_cache_dir=None)
+    data = build_pipeline([source], config, tokenize=tokenize, process_index=0, process_count=1)
+    pipeline = ObservationPipeline(spec, tokenizer, data.artifacts, prompt=prompt)
+    artifact = pipeline.artifact
+    seen = 0
+    for batch in data:
+        train_inputs = pipeline.from_batch(batch)["obs"]
+        for b in range(len(batch["dataset_name"])):
+            first = artifact.unnormalize("state", train_inputs["state"][b:b + 1])[0, 0]
+            traj = trajs[int(round(first)) // 10]
+            t = int(round(first)) % 10
+            raw = {"images": {c: traj["images"][c][t:t + 1] for c in spec.cameras},
+                   "state": traj["state"][t:t + 1], "prompt": [traj["language_instruction"]]}
+            served = pipeline.model_inputs(raw)
+            for camera in spec.cameras:
+                np.testing.assert_array_equal(served["images"][camera][0], train_inputs["images"][camera][b])
+            for key in ("state", "text_ids", "text_mask"):
+                np.testing.assert_array_equal(served[key][0], train_inputs[key][b], err_msg=key)
+                assert served[key].dtype == train_inputs[key].dtype, key
+            seen += 1
+    assert seen == sum(len(t["action"]) for t in trajs)  # every step of both episodes compared
