@@ -111,6 +111,12 @@ def test_rlds_camera_map_naming_a_missing_key_lists_the_image_keys(arm_rlds):
         open_source(entry)
 
 
+def test_rlds_cameras_default_to_every_image_feature_when_none_is_named_image_(arm_rlds):
+    entry = {k: v for k, v in arm_source(arm_rlds).items() if k != "cameras"}
+    source = open_source(entry)
+    assert source.image_keys == {"scene_rgb": "scene_rgb", "wrist_rgb": "wrist_rgb"}
+
+
 def test_model_action_dim_different_from_the_data_is_an_error_before_training(arm_rlds, tmp_path):
     c = tiny_finetune_config(tmp_path / "run", arm_source(arm_rlds))
     c.model.action_dim = 8

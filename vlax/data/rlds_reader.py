@@ -54,6 +54,17 @@ def _feature_keys(features: Any) -> list[str]:
     return sorted(features.keys()) if hasattr(features, "keys") else []
 
 
+def default_image_keys(observation_features: Any) -> dict[str, str]:
+    """Camera name -> observation key: the ``image_*`` keys under their own names (``image_corner2`` ->
+    ``corner2``); a dataset without such keys (Open-X's ``image``, ``wrist_image``, ...) gives every image
+    feature under its key."""
+    keys = _feature_keys(observation_features)
+    prefixed = {k[len("image_"):]: k for k in keys if k.startswith("image_")}
+    if prefixed:
+        return prefixed
+    return {k: k for k in keys if isinstance(observation_features[k], tfds.features.Image)}
+
+
 def _last_dim(feature: Any) -> int:
     shape = tuple(feature.shape)
     return int(shape[-1]) if shape else 1
@@ -72,7 +83,8 @@ class RLDSSource:
       data_dir: the dataset directory (holding ``dataset_info.json``), e.g. ``out/metaworld_experts/1.0.0``.
       name: dataset name in batches (default: the tfds name).
       image_keys: vlax camera name -> observation key (None = the camera is missing here, filled with padding).
-        Default: every ``image_*`` observation key under its own name (``image_corner2`` -> camera ``corner2``).
+        Default: every ``image_*`` observation key under its own name (``image_corner2`` -> camera ``corner2``),
+        or, when there is none, every image feature under its key.
       state_key / action_key / language_key: step keys (``observation/<state_key>``); language may also be an
         ``episode_metadata`` key. ``state_key=None`` reads no state. State and action may each be a list of
         keys, concatenated in the order given (e.g. ``["joint_pos", "gripper"]``).
@@ -122,7 +134,7 @@ class RLDSSource:
         observation_features = step_features["observation"]
         observation_keys = _feature_keys(observation_features)
         if image_keys is None:
-            image_keys = {k[len("image_") :]: k for k in observation_keys if k.startswith("image_")}
+            image_keys = default_image_keys(observation_features)
         self.image_keys = dict(image_keys)
         self.state_keys, self.action_keys = key_list(state_key), key_list(action_key)
         if not self.action_keys:
