@@ -6,12 +6,10 @@ error on the held-out episodes; the trainer's own validation metrics land in met
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
-from experiments.configs import finetune
-from train_helpers import tiny_config
+from train_helpers import tiny_finetune_config
 from vlax.data import DataConfig, build_pipeline
 from vlax.data.pipeline import episode_bucket
 from vlax.data.source_config import open_source
@@ -21,22 +19,6 @@ from vlax.train.metrics import read_metrics
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lerobot_ds"
 CAMERAS = (("observation.images.top", "top"), ("observation.images.wrist", "wrist"))  # as a config spells it
-
-
-def tiny_finetune_config(workdir: Path, source: dict, steps: int = 3) -> ml_collections.ConfigDict:
-    """finetune.py:tiny with the tiny model, optimizer and train settings of the loop tests."""
-    small = tiny_config(workdir, workdir / "unused")  # only its sizes are taken
-    c = finetune.get_config("tiny")
-    c.workdir = str(workdir)
-    c.data.sources = [ml_collections.ConfigDict({**c.data.sources[0].to_dict(), **source})]
-    c.data.image_size, c.data.batch_size, c.data.shuffle_buffer = 32, 8, 16  # 8: one example per device
-    c.data.action_horizon = 4
-    for key in ("encoder_kwargs", "backbone_overrides", "head_defaults"):
-        c.model[key] = small.model[key]
-    c.optim = small.optim
-    c.train = small.train
-    c.train.steps, c.train.save_every = steps, steps
-    return c
 
 
 def val_fraction_holding_out_one(source) -> float:

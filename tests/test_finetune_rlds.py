@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.rlds import rlds_base
 
-from test_finetune_lerobot import tiny_finetune_config
+from train_helpers import tiny_finetune_config
 from vlax.checkpoint import Checkpointer, checkpoints_dir
 from vlax.data.source_config import DataSourceError, open_source
 from vlax.inference import PolicyRunner

@@ -2,6 +2,9 @@
 
 from pathlib import Path
 
+import ml_collections
+
+from experiments.configs import finetune
 from experiments.configs.metaworld import get_config
 
 
@@ -49,3 +52,19 @@ def config_flags(c) -> list[str]:
         "train.steps": c.train.steps, "train.save_every": c.train.save_every,
     }
     return ["--config=experiments/configs/metaworld.py:tiny"] + [f"--config.{k}={v}" for k, v in flat.items()]
+
+
+def tiny_finetune_config(workdir: Path, source: dict, steps: int = 3) -> ml_collections.ConfigDict:
+    """finetune.py:tiny with the tiny model, optimizer and train settings of the loop tests."""
+    small = tiny_config(workdir, workdir / "unused")  # only its sizes are taken
+    c = finetune.get_config("tiny")
+    c.workdir = str(workdir)
+    c.data.sources = [ml_collections.ConfigDict({**c.data.sources[0].to_dict(), **source})]
+    c.data.image_size, c.data.batch_size, c.data.shuffle_buffer = 32, 8, 16  # 8: one example per device
+    c.data.action_horizon = 4
+    for key in ("encoder_kwargs", "backbone_overrides", "head_defaults"):
+        c.model[key] = small.model[key]
+    c.optim = small.optim
+    c.train = small.train
+    c.train.steps, c.train.save_every = steps, steps
+    return c
