@@ -1,4 +1,4 @@
-"""Vision encoders: one ViT for SigLIP / DINOv2, OpenVLA's fused DINOv2 + SigLIP, and a small conv stem.
+"""Vision encoders: one ViT for SigLIP / DINOv2, OpenVLA's fused DINOv2 + SigLIP, a small conv stem and a ResNet.
 
 Look one up by name (configs name their encoder)::
 
@@ -17,6 +17,7 @@ from flax import nnx
 
 from vlax.encoders.conv_stem import ConvStem
 from vlax.encoders.fused import FusedEncoder, dinosiglip
+from vlax.encoders.resnet import ResNet
 from vlax.encoders.vit import ViT, ViTConfig, ViTOutput, decode_variant, dinov2_config, siglip_config
 
 
@@ -51,6 +52,8 @@ ENCODERS: dict[str, Callable[..., nnx.Module]] = {
     "dinov2_l14_reg4": _dinov2("L/14", 4),
     "dinosiglip": lambda *, rngs, **kw: dinosiglip(rngs=rngs, **kw),
     "conv_stem": lambda *, rngs, **kw: ConvStem(rngs=rngs, **kw),
+    "resnet": lambda *, rngs, **kw: ResNet(rngs=rngs, **kw),
+    "resnet18": lambda *, rngs, **kw: ResNet(18, rngs=rngs, **kw),
 }
 
 
@@ -62,6 +65,6 @@ def get_encoder(name: str, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
 
 
 __all__ = [
-    "ENCODERS", "ConvStem", "FusedEncoder", "ViT", "ViTConfig", "ViTOutput", "decode_variant", "dinosiglip",
+    "ENCODERS", "ConvStem", "FusedEncoder", "ResNet", "ViT", "ViTConfig", "ViTOutput", "decode_variant", "dinosiglip",
     "dinov2_config", "get_encoder", "siglip_config",
 ]
