@@ -101,6 +101,9 @@ class ExpertBlock(nnx.Module):
         else:
             attn = self.self_attn
             q = rearrange(attn.q_proj(h), "b t (n d) -> b t n d", d=self.head_dim)
+            # SmolVLA rotates cross-attention queries by their position within the suffix (from 0); the prefix
+            # keys were rotated by the backbone already.
+            q = attn._rotate(q, positions - jnp.min(positions, axis=1, keepdims=True)) if attn.rope else q
             k, v = prefix_kv
             out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
             a = attn.o_proj(rearrange(out, "b t n d -> b t (n d)"))
@@ -184,7 +187,7 @@ class SmolVLAExpert(nnx.Module):
 
     def __init__(self, context: ContextSpec, *, width: int, mlp_dim: int, num_heads: int | None = None,
                  self_attn_every: int = 2, act: str = "silu", rope: RopeConfig | None = RopeConfig(),
-                 rngs: nnx.Rngs):
+                 norm_eps: float = 1e-6, rngs: nnx.Rngs):
         context.require("num_layers", "num_kv_heads", "head_dim", why="the SmolVLA expert")
         depth, n = context.num_layers, self_attn_every
         if n < 1 or depth % n:
@@ -193,11 +196,12 @@ class SmolVLAExpert(nnx.Module):
         num_heads = num_heads or context.num_heads or context.num_kv_heads
         kv, dh = context.num_kv_heads, context.head_dim
         self.self_layers = stack_layers(
-            lambda r: ExpertBlock(width, num_heads, kv, dh, mlp_dim, act=act, rope=rope, rngs=r), self.groups, rngs)
+            lambda r: ExpertBlock(width, num_heads, kv, dh, mlp_dim, act=act, rope=rope, norm_eps=norm_eps, rngs=r),
+            self.groups, rngs)
         self.cross_layers = stack_layers(
-            lambda r: ExpertBlock(width, num_heads, kv, dh, mlp_dim, act=act, rope=None, cross_kv_features=kv * dh,
-                                  rngs=r), self.groups * (n - 1), rngs) if n > 1 else None
-        self.norm = RMSNorm(width, rngs=rngs)
+            lambda r: ExpertBlock(width, num_heads, kv, dh, mlp_dim, act=act, rope=rope, cross_kv_features=kv * dh,
+                                  norm_eps=norm_eps, rngs=r), self.groups * (n - 1), rngs) if n > 1 else None
+        self.norm = RMSNorm(width, eps=norm_eps, rngs=rngs)
 
     def prepare(self, cache: KVCache | None) -> PreparedPrefix:
         cache = _check_cache(cache, self.context)
@@ -281,7 +285,8 @@ class FlowHead(ActionHead):
                  self_attn_every: int = 2, causal_actions: bool = False, act: str | None = None,
                  rope: RopeConfig | None = RopeConfig(), num_steps: int = 10,
                  time_beta: tuple[float, float] = (1.5, 1.0), time_min_period: float = 4e-3,
-                 time_max_period: float = 4.0, rngs: nnx.Rngs):
+                 time_max_period: float = 4.0, norm_eps: float = 1e-6, float64_time_features: bool = False,
+                 rngs: nnx.Rngs):
         self._init_contract(action_dim, horizon, context)
         if expert not in EXPERTS:
             raise ValueError(f"unknown flow expert {expert!r}; known: {list(EXPERTS)}")
@@ -300,6 +305,7 @@ class FlowHead(ActionHead):
         self.adarms = time_conditioning == "adarms"
         self.time_beta, self.periods = tuple(map(float, time_beta)), (float(time_min_period), float(time_max_period))
         self.causal_actions = causal_actions
+        self.float64_time_features = bool(float64_time_features)
         self.action_in_proj = Dense(self.action_dim, width, axes=(None, "embed"), rngs=rngs)
         self.state_proj = Dense(state_dim, width, axes=(None, "embed"), rngs=rngs) if state_dim else None
         if self.adarms:
@@ -316,7 +322,8 @@ class FlowHead(ActionHead):
             if self.adarms:
                 raise ValueError("time_conditioning='adarms' is a π0.5 option of expert='pi0'")
             self.expert = SmolVLAExpert(self.context, width=width, mlp_dim=mlp_dim, num_heads=num_heads,
-                                        self_attn_every=self_attn_every, act=act or "silu", rope=rope, rngs=rngs)
+                                        self_attn_every=self_attn_every, act=act or "silu", rope=rope,
+                                        norm_eps=norm_eps, rngs=rngs)
         self.action_out_proj = Dense(width, self.action_dim, axes=("embed", None), rngs=rngs)
 
     @property
@@ -327,11 +334,16 @@ class FlowHead(ActionHead):
         actions = [1] * self.horizon if self.causal_actions else [1] + [0] * (self.horizon - 1)
         return np.asarray(([1] if self.state_proj is not None else []) + actions, np.int32)
 
-    def velocity(self, prefix: PreparedPrefix, state: jax.Array | None, x_t: jax.Array, t: jax.Array) -> jax.Array:
-        """Predicted velocity ``[B, H, A]`` of ``x_t [B, H, A]`` at times ``t [B]``."""
+    def velocity(self, prefix: PreparedPrefix, state: jax.Array | None, x_t: jax.Array, t: jax.Array,
+                 time_emb: jax.Array | None = None) -> jax.Array:
+        """Predicted velocity ``[B, H, A]`` of ``x_t [B, H, A]`` at times ``t [B]`` (``time_emb [W]``: the
+        features of ``t`` computed beforehand, see ``float64_time_features``)."""
         b = x_t.shape[0]
         tokens = self.action_in_proj(x_t)
-        time_emb = sincos_embedding(t, self.width, *self.periods).astype(tokens.dtype)
+        if time_emb is None:
+            time_emb = sincos_embedding(t, self.width, *self.periods).astype(tokens.dtype)
+        else:
+            time_emb = jnp.broadcast_to(time_emb.astype(tokens.dtype), (b, self.width))
         cond = None
         if self.adarms:
             cond = jax.nn.swish(self.time_mlp_out(jax.nn.swish(self.time_mlp_in(time_emb))))
@@ -384,11 +396,27 @@ class FlowHead(ActionHead):
         if guide_actions is not None:
             return self._sample_guided(prefix, state, noise, steps, guide_actions, guide_weights, max_guidance)
 
+        table = self._time_feature_table(steps) if self.float64_time_features else None
+
         def step(i, x):
             t = jnp.full((b,), 1.0 + i * dt, jnp.float32)
-            return x + dt * self.velocity(prefix, state, x, t).astype(x.dtype)
+            emb = None if table is None else table[i]
+            return x + dt * self.velocity(prefix, state, x, t, emb).astype(x.dtype)
 
         return jax.lax.fori_loop(0, steps, step, noise)
+
+    def _time_feature_table(self, steps: int) -> jax.Array:
+        """``[steps, W]`` sin-cos features of the Euler times ``1 + i dt``, in float64 on the host, then float32.
+
+        The angles reach ``2 pi / min_period`` (~1571 rad), where float32 rounding moves a feature by ~1e-4;
+        LeRobot's SmolVLA computes them in float64, and so does this table (the times are known in advance).
+        """
+        times = np.float32(1.0 + np.arange(steps) * (-1.0 / steps)).astype(np.float64)
+        fraction = np.linspace(0.0, 1.0, self.width // 2, dtype=np.float64)
+        lo, hi = self.periods
+        period = lo * (hi / lo) ** fraction
+        angles = times[:, None] * (1.0 / period * 2 * np.pi)[None, :]
+        return jnp.asarray(np.concatenate([np.sin(angles), np.cos(angles)], axis=-1).astype(np.float32))
 
     def _sample_guided(self, prefix: PreparedPrefix, state: jax.Array | None, noise: jax.Array, steps: int,
                        target: jax.Array, weights: jax.Array | None, max_guidance: float) -> jax.Array:

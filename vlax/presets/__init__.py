@@ -22,7 +22,9 @@ from typing import Any, Callable
 PresetBuilder = Callable[..., Any]
 
 # preset name -> module under vlax.presets that registers it
-PRESET_MODULES: dict[str, str] = {}
+PRESET_MODULES: dict[str, str] = {
+    "smolvla": "smolvla",
+}
 
 _BUILDERS: dict[str, PresetBuilder] = {}
 
