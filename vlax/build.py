@@ -49,12 +49,26 @@ def _encoder(name: str, kwargs: Mapping[str, Any], image_size: int, rngs: nnx.Rn
     return encoder, getattr(encoder, "width", None) or encoder.config.width
 
 
+def fast_tokenizer(model: Mapping[str, Any]) -> Any:
+    """The FAST head's tokenizer: ``tokenizer`` of its head kwargs, a file path (loaded) or a fitted object."""
+    from vlax.action_tokens import FastTokenizer
+
+    kwargs = {**dict(model.get("head_defaults", {}).get("fast", {})), **dict(model.get("head_kwargs", {}))}
+    tokenizer = kwargs.get("tokenizer")
+    if tokenizer is None:
+        raise ValueError("model.head='fast' needs model.head_kwargs.tokenizer: the path of a FAST tokenizer file "
+                         "(experiments/fit_fast_tokenizer.py writes one)")
+    return FastTokenizer.load(tokenizer) if isinstance(tokenizer, str) else tokenizer
+
+
 def backbone_vocab_size(model: Mapping[str, Any], text_vocab_size: int) -> int:
     """Text vocabulary plus the bins that occupy the last ids of the vocabulary, for LM-decoded binned actions
     and discretized state (both count bins from the end, so they share those ids)."""
     bins = 0
     if model["head"] == "binned_lm":
         bins = int(dict(model.get("head_kwargs", {})).get("n_bins", 256))
+    if model["head"] == "fast":  # the FAST ids and their end marker
+        bins = fast_tokenizer(model).vocab_size + 1
     if model.get("state_input") == "discrete":
         bins = max(bins, int(model.get("state_bins", 256)))
     return text_vocab_size + bins
@@ -83,7 +97,8 @@ def policy_spec(config: Mapping[str, Any], *, cameras: tuple[str, ...] | None = 
                       action_dim=int(action_dim if action_dim is not None else model["action_dim"]),
                       horizon=int(data["action_horizon"]), max_text_len=int(model["max_text_len"]),
                       state_input=model["state_input"], num_readouts=int(model.get("num_readouts", 0)),
-                      state_bins=int(model.get("state_bins", 256)))
+                      state_bins=int(model.get("state_bins", 256)),
+                      obs_history=int(data.get("obs_history", 1)))
 
 
 def check_components(model: Mapping[str, Any]) -> None:
@@ -127,6 +142,8 @@ def build_policy(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: in
     head_kwargs = {**dict(model.get("head_defaults", {}).get(head_name, {})), **dict(model.get("head_kwargs", {}))}
     if spec.state_input == "head":
         head_kwargs.setdefault("state_dim", spec.state_dim)
+    if head_name == "fast":
+        head_kwargs["tokenizer"] = fast_tokenizer(model)
     head = get_head(head_name, action_dim=spec.action_dim, horizon=spec.horizon,
                     context=head_context_spec(backbone.config), rngs=rngs, **head_kwargs)
     return VLA(spec, encoder=encoder, encoder_width=encoder_width, backbone=backbone, head=head, rngs=rngs)

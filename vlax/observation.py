@@ -152,19 +152,28 @@ class ObservationPipeline:
             raise TypeError("raw observation needs 'prompt': a list of B instruction strings")
         size = (self.spec.image_size, self.spec.image_size)
         out_images = {}
+        history = self.spec.obs_history
+        shape = "[B, h, w, 3]" if history == 1 else f"[B, {history}, h, w, 3] (obs_history={history}, oldest first)"
         for camera in self.spec.cameras:
             frames = np.asarray(images[camera])
-            if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-                raise ValueError(f"camera {camera!r}: frames must be uint8 [B, h, w, 3], got {frames.dtype} "
+            if frames.ndim != (4 if history == 1 else 5) or frames.shape[-1] != 3 or frames.dtype != np.uint8 \
+                    or (history > 1 and frames.shape[1] != history):
+                raise ValueError(f"camera {camera!r}: frames must be uint8 {shape}, got {frames.dtype} "
                                  f"{list(frames.shape)}")
-            out_images[camera] = resize_frames(frames, size, self.resize_backend)
-        state = np.asarray(raw.get("state", np.zeros((len(prompts), 0), np.float32)), np.float32)
-        if state.ndim != 2:
-            raise ValueError(f"state must be [B, S], got shape {list(state.shape)}")
+            if history == 1:
+                out_images[camera] = resize_frames(frames, size, self.resize_backend)
+            else:
+                flat = resize_frames(frames.reshape(-1, *frames.shape[2:]), size, self.resize_backend)
+                out_images[camera] = flat.reshape(*frames.shape[:2], *flat.shape[1:])
+        empty = (len(prompts), 0) if history == 1 else (len(prompts), history, 0)
+        state = np.asarray(raw.get("state", np.zeros(empty, np.float32)), np.float32)
+        if state.ndim != (2 if history == 1 else 3) or (history > 1 and state.shape[1] != history):
+            want = "[B, S]" if history == 1 else f"[B, {history}, S]"
+            raise ValueError(f"state must be {want}, got shape {list(state.shape)}")
         if not np.all(np.isfinite(state)):
             raise ValueError("state has non-finite values (NaN or inf)")
         state = self.normalize_state(state)
-        ids, mask = self.tokenize(list(prompts), state)
+        ids, mask = self.tokenize(list(prompts), state if history == 1 else state[:, -1])
         return {"images": out_images, "state": state, "text_ids": ids, "text_mask": mask}
 
     # ---- data-pipeline batches (training, open-loop metrics) -----------------------------------------------------
@@ -179,26 +188,42 @@ class ObservationPipeline:
             if key not in observation:
                 raise KeyError(f"batch has no {key!r}; it has {sorted(k for k in observation if k.startswith('image_'))}")
             img = np.asarray(observation[key])
-            images[camera] = img[:, -1] if img.ndim == 5 else img
-        state = np.asarray(observation["state"], np.float32)
-        state = state[:, -1] if state.ndim == 3 else state
+            images[camera] = self._window(img, 5)
+        state = self._window(np.asarray(observation["state"], np.float32), 3)
         task = batch["task"]
         if "text_ids" in task:  # tokenized by the pipeline with this object's tokenize
             ids, mask = np.asarray(task["text_ids"], np.int32), np.asarray(task["text_mask"], bool)
         else:
-            ids, mask = self.tokenize(list(task["language_instruction"]), state)
+            ids, mask = self.tokenize(list(task["language_instruction"]), state if state.ndim == 2 else state[:, -1])
         obs = {"images": images, "state": _pad_last(state, self.spec.state_dim, "state"), "text_ids": ids,
                "text_mask": mask}
         actions = np.asarray(batch["action"], np.float32)
         action_mask = np.asarray(batch["action_mask"], bool)
-        if actions.ndim == 4:  # [B, W, H, A]: the actions that follow the last window step
-            actions, action_mask = actions[:, -1], action_mask[:, -1]
+        if actions.ndim == 4:  # [B, W, H, A]
+            # One observation: the actions that follow it. A history of T: the actions from its oldest step, as
+            # Diffusion Policy trains (the chunk's index T - 1 is the current step).
+            step = -1 if self.spec.obs_history == 1 else -self.spec.obs_history
+            actions, action_mask = actions[:, step], action_mask[:, step]
         if actions.shape[1] < self.spec.horizon:
             raise ValueError(f"batch has an action horizon of {actions.shape[1]}, the policy predicts "
                              f"{self.spec.horizon}")
         actions = _pad_last(actions[:, :self.spec.horizon], self.spec.action_dim, "action")
         action_mask = _pad_last(action_mask[:, :self.spec.horizon], self.spec.action_dim, "action")
         return {"obs": obs, "actions": actions, "action_mask": action_mask}
+
+    def _window(self, x: np.ndarray, windowed_ndim: int) -> np.ndarray:
+        """A pipeline window ``[B, W, ...]`` -> the last step (one observation) or the last ``obs_history`` steps."""
+        if x.ndim != windowed_ndim:
+            if self.spec.obs_history > 1:
+                raise ValueError(f"the policy sees {self.spec.obs_history} observation steps but the batch has no "
+                                 f"window axis (shape {list(x.shape)}); set data.obs_history={self.spec.obs_history}")
+            return x
+        if self.spec.obs_history == 1:
+            return x[:, -1]
+        if x.shape[1] < self.spec.obs_history:
+            raise ValueError(f"the batch window has {x.shape[1]} steps, the policy sees {self.spec.obs_history}; "
+                             f"set data.obs_history={self.spec.obs_history}")
+        return x[:, -self.spec.obs_history:]
 
     # ---- description, saving, loading -----------------------------------------------------------------------------
 

@@ -49,8 +49,13 @@ class PolicySpec:
     state_input: str = "prefix"
     num_readouts: int = 0
     state_bins: int = 256
+    # Observation steps the policy sees (the current one and the obs_history - 1 before it). Above 1, images are
+    # [B, T, h, w, 3] and the state [B, T, S], oldest first, episode starts padded by repeating the first frame.
+    obs_history: int = 1
 
     def __post_init__(self):
+        if self.obs_history < 1:
+            raise ValueError(f"obs_history={self.obs_history}; a policy sees at least the current observation (1)")
         if self.state_input not in STATE_INPUTS:
             raise ValueError(f"state_input={self.state_input!r}; known: {list(STATE_INPUTS)}")
         if not self.cameras:

@@ -148,15 +148,21 @@ class ConvBlock(nnx.Module):
 class FiLMResidualBlock(nnx.Module):
     """Diffusion Policy's ``ConditionalResidualBlock1D``: conv block, FiLM by the condition, conv block, residual."""
 
-    def __init__(self, cin: int, cout: int, cond_dim: int, kernel_size: int, groups: int, *, rngs: nnx.Rngs):
+    def __init__(self, cin: int, cout: int, cond_dim: int, kernel_size: int, groups: int, *, film_scale: bool = True,
+                 rngs: nnx.Rngs):
         self.block1 = ConvBlock(cin, cout, kernel_size, groups, rngs=rngs)
         self.block2 = ConvBlock(cout, cout, kernel_size, groups, rngs=rngs)
-        self.film = Dense(cond_dim, 2 * cout, rngs=rngs)
+        self.film_scale = film_scale
+        self.film = Dense(cond_dim, 2 * cout if film_scale else cout, rngs=rngs)
         self.residual = Conv1d(cin, cout, 1, rngs=rngs) if cin != cout else None
 
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
-        scale, shift = jnp.split(self.film(mish(cond))[:, None, :], 2, axis=-1)
-        h = self.block2(scale * self.block1(x) + shift)
+        film = self.film(mish(cond))[:, None, :]
+        if self.film_scale:
+            scale, shift = jnp.split(film, 2, axis=-1)
+            h = self.block2(scale * self.block1(x) + shift)
+        else:  # bias-only FiLM (Diffusion Policy's use_film_scale_modulation=False)
+            h = self.block2(self.block1(x) + film)
         return h + (x if self.residual is None else self.residual(x))
 
 
@@ -171,11 +177,13 @@ def _sinusoidal(t: jax.Array, dim: int) -> jax.Array:
 class ConditionalUnet1D(nnx.Module):
     """Diffusion Policy's temporal U-Net over the horizon axis, FiLM-conditioned on ``[step embedding, cond]``.
 
-    ``len(down_dims) - 1`` stride-2 down/up-samplings: the horizon must be divisible by ``2 ** (len(down_dims) - 1)``.
+    ``film_scale``: FiLM with a per-channel scale and bias (else the bias only); ``final_n_groups``: the GroupNorm
+    groups of the last conv block (default ``n_groups``). ``len(down_dims) - 1`` stride-2 down/up-samplings: the horizon must be divisible by ``2 ** (len(down_dims) - 1)``.
     """
 
     def __init__(self, action_dim: int, horizon: int, cond_dim: int, *, down_dims: Sequence[int] = (256, 512, 1024),
-                 kernel_size: int = 5, n_groups: int = 8, step_embed_dim: int = 256, rngs: nnx.Rngs):
+                 kernel_size: int = 5, n_groups: int = 8, step_embed_dim: int = 256, film_scale: bool = True,
+                 final_n_groups: int | None = None, rngs: nnx.Rngs):
         down_dims = tuple(int(d) for d in down_dims)
         factor = 2 ** (len(down_dims) - 1)
         if horizon % factor:
@@ -189,7 +197,8 @@ class ConditionalUnet1D(nnx.Module):
         film_dim = step_embed_dim + cond_dim
         dims = (action_dim, *down_dims)
         pairs = list(zip(dims[:-1], dims[1:]))
-        block = lambda cin, cout: FiLMResidualBlock(cin, cout, film_dim, kernel_size, n_groups, rngs=rngs)  # noqa
+        block = lambda cin, cout: FiLMResidualBlock(cin, cout, film_dim, kernel_size, n_groups,  # noqa
+                                                    film_scale=film_scale, rngs=rngs)
         self.down = nnx.List([nnx.List([block(cin, cout), block(cout, cout)]) for cin, cout in pairs])
         self.downsample = nnx.List([Conv1d(cout, cout, 3, stride=2, padding=1, rngs=rngs) for _, cout in pairs[:-1]])
         self.mid = nnx.List([block(down_dims[-1], down_dims[-1]), block(down_dims[-1], down_dims[-1])])
@@ -197,7 +206,8 @@ class ConditionalUnet1D(nnx.Module):
         self.up = nnx.List([nnx.List([block(2 * cout, cin), block(cin, cin)]) for cin, cout in ups])
         self.upsample = nnx.List([Conv1d(cin, cin, 4, stride=2, padding=1, transpose=True, rngs=rngs)
                                   for cin, _ in ups])
-        self.final_block = ConvBlock(down_dims[0], down_dims[0], kernel_size, n_groups, rngs=rngs)
+        # LeRobot's final block keeps GroupNorm's default 8 groups whatever n_groups is (final_n_groups=8 there).
+        self.final_block = ConvBlock(down_dims[0], down_dims[0], kernel_size, final_n_groups or n_groups, rngs=rngs)
         self.final_conv = Conv1d(down_dims[0], action_dim, 1, rngs=rngs)
 
     def __call__(self, x: jax.Array, t: jax.Array, cond: jax.Array, *, key: jax.Array | None = None,
@@ -300,8 +310,10 @@ class DiffusionHead(ActionHead):
 
     def sample(self, ctx: HeadContext, *, rngs: RngLike, num_steps: int | None = None, lm=None,
                guide_actions: jax.Array | None = None, guide_weights: jax.Array | None = None,
-               max_guidance: float = 5.0) -> jax.Array:
+               max_guidance: float = 5.0, noise: jax.Array | None = None) -> jax.Array:
         """Reverse diffusion from Gaussian noise: ``[B, H, A]``.
+
+        ``noise [B, H, A]`` replaces the initial draw (to reproduce another implementation's sample from its noise).
 
         With ``guide_actions [B, H, A]`` (normalized) and ``guide_weights`` (``[B, H]`` or ``[B, H, A]``), every step
         first pulls the predicted clean chunk toward those actions (real-time chunking's guided inpainting, see
@@ -318,7 +330,12 @@ class DiffusionHead(ActionHead):
         key = split_rngs(rngs)[0]
         init_key, loop_key = jax.random.split(key)
         b = ctx.batch_size
-        x = jax.random.normal(init_key, (b, *self.action_shape), ctx.tokens.dtype)
+        if noise is None:
+            x = jax.random.normal(init_key, (b, *self.action_shape), ctx.tokens.dtype)
+        else:
+            if tuple(noise.shape) != (b, *self.action_shape):
+                raise ValueError(f"noise has shape {tuple(noise.shape)}; the head samples {(b, *self.action_shape)}")
+            x = jnp.asarray(noise, ctx.tokens.dtype)
         ts, prevs = jnp.asarray(timesteps, jnp.int32), jnp.asarray(previous, jnp.int32)
         common = dict(prediction_type=self.prediction_type, clip_sample=self.clip_sample,
                       clip_sample_range=self.clip_sample_range)
