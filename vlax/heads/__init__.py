@@ -13,7 +13,7 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from vlax.heads.binned import BinnedHead, BinTokenizer
-from vlax.heads.chunk import ChunkHead
+from vlax.heads.chunk import ACTDecoderHead, ChunkHead
 from vlax.heads.diffusion import ConditionalUnet1D, DiffusionHead, MLPResNetDenoiser
 from vlax.heads.execution import ActionQueue, EnsembleState, TemporalEnsembler
 from vlax.heads.flow import FlowHead, Pi0Expert, SmolVLAExpert
@@ -28,6 +28,8 @@ HEADS: dict[str, Callable[..., ActionHead]] = {
     # ACT: L1 regression of the chunk from learned queries; with its CVAE.
     "chunk": ChunkHead,
     "chunk_cvae": functools.partial(ChunkHead, cvae=True),
+    # LeRobot's ACT decoder: post-norm, zero queries with learned positions, positions on the memory keys.
+    "act": ACTDecoderHead,
     # π0: flow matching, action expert sharing attention with every backbone layer, time MLP.
     "flow": functools.partial(FlowHead, expert="pi0"),
     # π0.5: the same with adaptive-RMSNorm time conditioning.
@@ -70,5 +72,6 @@ def to_linen(name: str, **kwargs) -> nnx.bridge.ToLinen:
 
 
 __all__ = ["HEADS", "get_head", "head_class", "to_linen", "ActionHead", "BinTokenizer", "BinnedHead", "ChunkHead",
+           "ACTDecoderHead",
            "FlowHead", "Pi0Expert", "SmolVLAExpert", "DiffusionHead", "MLPResNetDenoiser", "ConditionalUnet1D",
            "NoiseSchedule", "TemporalEnsembler", "EnsembleState", "ActionQueue", "combine_masks", "split_rngs"]

@@ -179,3 +179,174 @@ class ChunkHead(ActionHead):
                lm=None) -> jax.Array:
         """The chunk ``[B, H, A]`` predicted with the zero latent (deterministic; ``rngs`` is not used)."""
         return self.predict(ctx, None, train=False)
+
+
+# ---------------------------------------------------------------------------------------- ACT's own layout
+# LeRobot's ACT differs from the pre-norm ChunkHead above: positions are added to queries and keys (never to
+# values) inside every layer, layers are post-norm unless ``pre_norm``, the decoder queries start at zero and carry
+# only their learned position, and the image / latent / state tokens go through a transformer encoder first.
+
+
+class PositionalAttention(nnx.Module):
+    """Multi-head attention of torch's ``nn.MultiheadAttention`` layout: separate query, key and value inputs."""
+
+    def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs):
+        if width % num_heads:
+            raise ValueError(f"width={width} is not a multiple of num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.q_proj = Dense(width, width, axes=("embed", "heads"), rngs=rngs)
+        self.k_proj = Dense(width, width, axes=("embed", "heads"), rngs=rngs)
+        self.v_proj = Dense(width, width, axes=("embed", "heads"), rngs=rngs)
+        self.out_proj = Dense(width, width, axes=("heads", "embed"), rngs=rngs)
+
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+        """``q [B, Q, D]``, ``k, v [B, K, D]``, ``key_mask [B, K]`` (True = attend) -> ``[B, Q, D]``."""
+        b, nq, d = q.shape
+        h = self.num_heads
+        split = lambda x: x.reshape(x.shape[0], x.shape[1], h, d // h)
+        qh, kh, vh = split(self.q_proj(q)), split(self.k_proj(k)), split(self.v_proj(v))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh) / jnp.sqrt(jnp.asarray(d // h, qh.dtype))
+        if key_mask is not None:
+            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
+        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), vh)
+        return self.out_proj(out.reshape(b, nq, d))
+
+
+def _with_pos(x: jax.Array, pos: jax.Array | None) -> jax.Array:
+    return x if pos is None else x + pos
+
+
+class ACTEncoderLayer(nnx.Module):
+    """Self-attention (positions on queries and keys) + ReLU FFN; post-norm unless ``pre_norm`` (ACT's)."""
+
+    def __init__(self, width: int, num_heads: int, mlp_dim: int, *, pre_norm: bool = False, eps: float = 1e-5,
+                 rngs: nnx.Rngs):
+        self.pre_norm = pre_norm
+        self.self_attn = PositionalAttention(width, num_heads, rngs=rngs)
+        self.linear1 = Dense(width, mlp_dim, axes=("embed", "mlp"), rngs=rngs)
+        self.linear2 = Dense(mlp_dim, width, axes=("mlp", "embed"), rngs=rngs)
+        self.norm1 = LayerNorm(width, eps=eps, rngs=rngs)
+        self.norm2 = LayerNorm(width, eps=eps, rngs=rngs)
+
+    def __call__(self, x: jax.Array, pos: jax.Array | None, key_mask: jax.Array | None = None, *, rate: float = 0.0,
+                 key: jax.Array | None = None, train: bool = False) -> jax.Array:
+        """``x [B, N, D]``, ``pos [B or 1, N, D]`` -> ``[B, N, D]``."""
+        keys = jax.random.split(key, 3) if key is not None else (None,) * 3
+        h = self.norm1(x) if self.pre_norm else x
+        qk = _with_pos(h, pos)
+        x = x + dropout(self.self_attn(qk, qk, h, key_mask), rate, keys[0], train)
+        h = self.norm2(x) if self.pre_norm else self.norm1(x)
+        ffn = self.linear2(dropout(jax.nn.relu(self.linear1(h)), rate, keys[1], train))
+        x = h + dropout(ffn, rate, keys[2], train) if not self.pre_norm else x + dropout(ffn, rate, keys[2], train)
+        return x if self.pre_norm else self.norm2(x)
+
+
+class ACTEncoder(nnx.Module):
+    """A stack of :class:`ACTEncoderLayer` (a final LayerNorm only with ``pre_norm``, as ACT does)."""
+
+    def __init__(self, width: int, depth: int, num_heads: int, mlp_dim: int, *, pre_norm: bool = False,
+                 rngs: nnx.Rngs):
+        self.layers = nnx.List([ACTEncoderLayer(width, num_heads, mlp_dim, pre_norm=pre_norm, rngs=rngs)
+                                for _ in range(depth)])
+        self.norm = LayerNorm(width, eps=1e-5, rngs=rngs) if pre_norm else None
+
+    def __call__(self, x: jax.Array, pos: jax.Array | None, key_mask: jax.Array | None = None, *, rate: float = 0.0,
+                 key: jax.Array | None = None, train: bool = False) -> jax.Array:
+        """``[B, N, D] -> [B, N, D]``."""
+        keys = jax.random.split(key, len(self.layers)) if key is not None else [None] * len(self.layers)
+        for layer, k in zip(self.layers, keys):
+            x = layer(x, pos, key_mask, rate=rate, key=k, train=train)
+        return x if self.norm is None else self.norm(x)
+
+
+class ACTDecoderLayer(nnx.Module):
+    """Self-attention, cross-attention to the encoder memory, ReLU FFN; post-norm unless ``pre_norm``."""
+
+    def __init__(self, width: int, num_heads: int, mlp_dim: int, *, pre_norm: bool = False, eps: float = 1e-5,
+                 rngs: nnx.Rngs):
+        self.pre_norm = pre_norm
+        self.self_attn = PositionalAttention(width, num_heads, rngs=rngs)
+        self.multihead_attn = PositionalAttention(width, num_heads, rngs=rngs)
+        self.linear1 = Dense(width, mlp_dim, axes=("embed", "mlp"), rngs=rngs)
+        self.linear2 = Dense(mlp_dim, width, axes=("mlp", "embed"), rngs=rngs)
+        self.norm1 = LayerNorm(width, eps=eps, rngs=rngs)
+        self.norm2 = LayerNorm(width, eps=eps, rngs=rngs)
+        self.norm3 = LayerNorm(width, eps=eps, rngs=rngs)
+
+    def __call__(self, x: jax.Array, query_pos: jax.Array, memory: jax.Array, memory_pos: jax.Array | None,
+                 memory_mask: jax.Array | None, *, rate: float = 0.0, key: jax.Array | None = None,
+                 train: bool = False) -> jax.Array:
+        """``x [B, H, D]``, ``memory [B, N, D]`` -> ``[B, H, D]``."""
+        keys = jax.random.split(key, 4) if key is not None else (None,) * 4
+        norms = (self.norm1, self.norm2, self.norm3)
+
+        def residual(x, branch, i):
+            # pre-norm: x + f(norm(x)); post-norm: norm(x + f(x))
+            if self.pre_norm:
+                return x + dropout(branch(norms[i](x)), rate, keys[i], train)
+            return norms[i](x + dropout(branch(x), rate, keys[i], train))
+
+        def self_attention(h):
+            qk = _with_pos(h, query_pos)
+            return self.self_attn(qk, qk, h)
+
+        def cross_attention(h):
+            return self.multihead_attn(_with_pos(h, query_pos), _with_pos(memory, memory_pos), memory, memory_mask)
+
+        def ffn(h):
+            return self.linear2(dropout(jax.nn.relu(self.linear1(h)), rate, keys[3], train))
+
+        x = residual(x, self_attention, 0)
+        x = residual(x, cross_attention, 1)
+        return residual(x, ffn, 2)
+
+
+class ACTDecoderHead(ActionHead):
+    """ACT's decoder as a head: ``horizon`` zero queries with learned positions attend to the context tokens.
+
+    The context tokens are ACT's encoder output; ``memory_pos [B or 1, N, D]`` (the positions the encoder used)
+    is added to the cross-attention keys when given. Loss: L1 over real entries (the CVAE's KL term belongs to
+    the encoder, which the ACT preset runs).
+    """
+
+    def __init__(self, action_dim: int, horizon: int, context: ContextSpec | int, *, depth: int = 1,
+                 num_heads: int = 8, mlp_dim: int = 3200, pre_norm: bool = False, dropout: float = 0.1,
+                 rngs: nnx.Rngs):
+        self._init_contract(action_dim, horizon, context)
+        width = self.context.width
+        self.rate = float(dropout)
+        self.query_pos = param(rngs, nnx.initializers.normal(1.0), (self.horizon, width), (None, "embed"))
+        self.layers = nnx.List([ACTDecoderLayer(width, num_heads, mlp_dim, pre_norm=pre_norm, rngs=rngs)
+                                for _ in range(depth)])
+        self.norm = LayerNorm(width, eps=1e-5, rngs=rngs)
+        self.action_out = Dense(width, self.action_dim, axes=("embed", None), rngs=rngs)
+
+    def predict(self, ctx: HeadContext, memory_pos: jax.Array | None = None, *, key: jax.Array | None = None,
+                train: bool = False) -> jax.Array:
+        """Chunk ``[B, H, A]``."""
+        self.check_context(ctx)
+        b, width = ctx.batch_size, ctx.width
+        x = jnp.zeros((b, self.horizon, width), ctx.tokens.dtype)
+        query_pos = self.query_pos[...][None].astype(x.dtype)
+        keys = jax.random.split(key, len(self.layers)) if key is not None else [None] * len(self.layers)
+        for layer, k in zip(self.layers, keys):
+            x = layer(x, query_pos, ctx.tokens, memory_pos, ctx.mask.astype(bool), rate=self.rate, key=k,
+                      train=train)
+        return self.action_out(self.norm(x))
+
+    def loss(self, ctx: HeadContext, actions: jax.Array, *, action_mask: jax.Array | None = None,
+             rngs: RngLike | None = None, train: bool = True, lm=None, memory_pos: jax.Array | None = None
+             ) -> tuple[jax.Array, dict]:
+        """Mean L1 over real entries."""
+        actions, mask = self.prepare_actions(actions, action_mask)
+        key = split_rngs(rngs)[1] if rngs is not None else None
+        if train and self.rate > 0 and key is None:
+            raise ValueError("training with dropout needs rngs")
+        pred = self.predict(ctx, memory_pos, key=key, train=train)
+        l1 = masked_mean(jnp.abs(pred - actions), mask)
+        return l1, {"loss": l1, "l1": l1}
+
+    def sample(self, ctx: HeadContext, *, rngs: RngLike | None = None, num_steps: int | None = None,
+               lm=None, memory_pos: jax.Array | None = None) -> jax.Array:
+        """The chunk ``[B, H, A]`` (deterministic; ``rngs`` is not used)."""
+        return self.predict(ctx, memory_pos, train=False)

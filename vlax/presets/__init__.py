@@ -23,6 +23,7 @@ PresetBuilder = Callable[..., Any]
 
 # preset name -> module under vlax.presets that registers it
 PRESET_MODULES: dict[str, str] = {
+    "act": "act",
     "diffusion_policy": "diffusion_policy",
     "smolvla": "smolvla",
 }
