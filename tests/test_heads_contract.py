@@ -8,10 +8,12 @@ import pathlib
 import sys
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
 import vlax.nn as vn
+from vlax.action_tokens import FastTokenizer
 from vlax.heads import HEADS, BinTokenizer, head_class
 from vlax.heads import get_head as _get_head
 
@@ -67,6 +69,9 @@ SMALL = {  # the cheapest construction of each registered head
     "flow": dict(width=8, mlp_dim=16), "flow_pi05": dict(width=8, mlp_dim=16), "flow_smolvla": dict(mlp_dim=16),
     "diffusion": dict(denoiser_kwargs=dict(hidden_dim=8, num_blocks=1)),
     "diffusion_unet": dict(denoiser_kwargs=dict(down_dims=(8, 16), step_embed_dim=8, n_groups=2)),
+    # A FAST tokenizer for [4, 3] chunks whose ids (+ the end marker) fit SPEC's 64-id vocabulary.
+    "fast": dict(tokenizer=FastTokenizer.fit(np.random.default_rng(0).uniform(-1, 1, (16, 4, 3)), vocab_size=32,
+                                             scale=2.0)),
 }
 
 
@@ -91,7 +96,7 @@ def test_registry_defaults_are_published_values_and_overridable():
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_cache_slots_say_what_the_head_reads(name):
     head = get_head(name, action_dim=3, horizon=4, context=SPEC, **SMALL[name])
-    expected = {"binned_lm": 12, "flow": 0, "flow_pi05": 0, "flow_smolvla": 0}.get(name)
+    expected = {"binned_lm": 12, "fast": 12, "flow": 0, "flow_pi05": 0, "flow_smolvla": 0}.get(name)
     assert head.cache_slots == expected
     assert head.action_shape == (4, 3)
 

@@ -16,6 +16,7 @@ from vlax.heads.binned import BinnedHead, BinTokenizer
 from vlax.heads.chunk import ACTDecoderHead, ChunkHead
 from vlax.heads.diffusion import ConditionalUnet1D, DiffusionHead, MLPResNetDenoiser
 from vlax.heads.execution import ActionQueue, EnsembleState, TemporalEnsembler
+from vlax.heads.fast import FastHead
 from vlax.heads.flow import FlowHead, Pi0Expert, SmolVLAExpert
 from vlax.nn.head_base import ActionHead, combine_masks, split_rngs
 from vlax.nn.noise_schedules import NoiseSchedule
@@ -23,6 +24,8 @@ from vlax.nn.noise_schedules import NoiseSchedule
 HEADS: dict[str, Callable[..., ActionHead]] = {
     # RT-2 / OpenVLA: action tokens decoded through the backbone's LM head with its KV cache.
     "binned_lm": functools.partial(BinnedHead, mode="lm"),
+    # π0-FAST: DCT + BPE action tokens decoded autoregressively through the backbone's LM head.
+    "fast": FastHead,
     # Octo discrete / OpenVLA-OFT: one-pass per-dimension classifier on pooled readouts.
     "binned": functools.partial(BinnedHead, mode="parallel"),
     # ACT: L1 regression of the chunk from learned queries; with its CVAE.
@@ -73,5 +76,6 @@ def to_linen(name: str, **kwargs) -> nnx.bridge.ToLinen:
 
 __all__ = ["HEADS", "get_head", "head_class", "to_linen", "ActionHead", "BinTokenizer", "BinnedHead", "ChunkHead",
            "ACTDecoderHead",
-           "FlowHead", "Pi0Expert", "SmolVLAExpert", "DiffusionHead", "MLPResNetDenoiser", "ConditionalUnet1D",
-           "NoiseSchedule", "TemporalEnsembler", "EnsembleState", "ActionQueue", "combine_masks", "split_rngs"]
+           "FastHead", "FlowHead", "Pi0Expert", "SmolVLAExpert", "DiffusionHead", "MLPResNetDenoiser",
+           "ConditionalUnet1D", "NoiseSchedule", "TemporalEnsembler", "EnsembleState", "ActionQueue", "combine_masks",
+           "split_rngs"]
