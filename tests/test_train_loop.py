@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from train_helpers import config_flags, tiny_config
-from vlax.heads import HEADS
 from vlax.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +41,7 @@ def _committed_steps(workdir):
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path, data_dir):
-    steps = 24
+    steps = 12
     reference = tiny_config(tmp_path / "reference", data_dir, steps=steps, save_every=4)
     proc = _launch(reference)
     out, _ = proc.communicate(timeout=600)
@@ -88,9 +87,13 @@ def test_sigterm_saves_a_checkpoint(tmp_path, data_dir):
 # moves in 40 steps on this config, so it only has to fall.
 LOSS_RATIO = {"chunk_cvae": 0.5, "diffusion_unet": 0.995}
 DEFAULT_LOSS_RATIO = 0.9
+# One registered variant of each head class, picked for the paths the loop exercises: LM decoding through the
+# backbone, the CVAE's extra rng and KL term, the expert's KV-cache slots with the state in the head, and the
+# MLP-ResNet denoiser. Every variant's learning is tested head by head in test_heads_learning.py.
+LOOP_HEADS = ("binned_lm", "chunk_cvae", "flow", "diffusion")
 
 
-@pytest.mark.parametrize("head", sorted(HEADS))
+@pytest.mark.parametrize("head", LOOP_HEADS)
 def test_every_head_trains_through_the_loop(tmp_path, data_dir, head):
     from experiments.train import train
 
