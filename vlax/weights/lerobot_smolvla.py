@@ -132,14 +132,23 @@ def _expert(tensors: dict[str, np.ndarray], depth: int, every: int) -> tuple[dic
     """The expert's per-layer tensors, split into self-attention layers (``l % every == 0``) and cross layers,
     each stacked in layer order, as :class:`vlax.heads.flow.SmolVLAExpert` holds them."""
     flat, names = {}, {}
-    groups: dict[str, dict[str, list[np.ndarray]]] = {"self_layers": {}, "cross_layers": {}}
+    groups: dict[str, dict[str, list[tuple[int, np.ndarray]]]] = {"self_layers": {}, "cross_layers": {}}
     for i in range(depth):
         kind = "self_layers" if i % every == 0 else "cross_layers"
         prefix = f"layers.{i}."
         for k in sorted(k for k in tensors if k.startswith(prefix)):
-            groups[kind].setdefault(k[len(prefix):], []).append(tensors.pop(k))
+            groups[kind].setdefault(k[len(prefix):], []).append((i, tensors.pop(k)))
+    missing = []
     for kind, per_name in groups.items():
-        for rest, values in per_name.items():
+        layers = [i for i in range(depth) if (i % every == 0) == (kind == "self_layers")]
+        for rest, found in per_name.items():
+            have = {i for i, _ in found}
+            missing += [f"{EXPERT}layers.{i}.{rest}" for i in layers if i not in have]
+    if missing:
+        raise CheckpointError(f"the SmolVLA checkpoint lacks expert tensors: {missing}")
+    for kind, per_name in groups.items():
+        for rest, found in per_name.items():
+            values = [v for _, v in found]
             module, _, leaf = rest.rpartition(".")
             if leaf != "weight":
                 raise CheckpointError(f"unexpected expert tensor {EXPERT}layers.<i>.{rest}")
