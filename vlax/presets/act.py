@@ -120,9 +120,9 @@ class ACTPolicy(nnx.Module):
 
     # ---- observation -> encoder tokens ------------------------------------------------------------------------
 
-    def _camera_tokens(self, images: jax.Array, stats) -> tuple[jax.Array, jax.Array]:
-        x = to_unit_float(images)
-        if stats is not None:
+    def _camera_tokens(self, images: jax.Array, stats, normalized: bool) -> tuple[jax.Array, jax.Array]:
+        x = images.astype(jnp.float32) if normalized else to_unit_float(images)
+        if stats is not None and not normalized:
             mean, std = (jnp.asarray(s, x.dtype) for s in stats)
             x = (x - mean) / (std + PIXEL_STD_EPS)
         features = self.image_proj(self.resnet(x))
@@ -130,8 +130,12 @@ class ACTPolicy(nnx.Module):
         return features.reshape(b, h * w, d), image_position_embedding(h, w, d).astype(features.dtype)
 
     def encode(self, obs: Mapping[str, Any], latent: jax.Array | None = None, *, key: jax.Array | None = None,
-               train: bool = False) -> tuple[jax.Array, jax.Array]:
-        """``(encoder output [B, N, D], positions [1, N, D])``; ``latent [B, latent_dim]`` (zeros if ``None``)."""
+               train: bool = False, pixels_normalized: bool = False) -> tuple[jax.Array, jax.Array]:
+        """``(encoder output [B, N, D], positions [1, N, D])``; ``latent [B, latent_dim]`` (zeros if ``None``).
+
+        ``pixels_normalized``: the images are already LeRobot-normalized floats (its preprocessor's output), so
+        neither the [0, 1] scaling nor the pixel statistics are applied again.
+        """
         images = obs["images"]
         missing = [c for c in self.spec.cameras if c not in images]
         if missing:
@@ -145,7 +149,7 @@ class ACTPolicy(nnx.Module):
         tokens = [self.latent_proj(latent)[:, None], self.state_proj(state)[:, None]]
         positions = [self.token_pos[...]]
         for camera, stats in zip(self.spec.cameras, self.pixel_stats):
-            cam_tokens, cam_pos = self._camera_tokens(images[camera], stats)
+            cam_tokens, cam_pos = self._camera_tokens(images[camera], stats, pixels_normalized)
             tokens.append(cam_tokens)
             positions.append(cam_pos)
         x = jnp.concatenate(tokens, axis=1)
@@ -203,9 +207,16 @@ class ACTPolicy(nnx.Module):
         return self.head.sample(ctx, rngs=rngs, num_steps=num_steps)
 
 
+def _plain(value: Any) -> dict:
+    """A ConfigDict / mapping as a plain dict (nested ConfigDicts too)."""
+    if value is None:
+        return {}
+    return value.to_dict() if hasattr(value, "to_dict") else dict(value)
+
+
 def act_settings(model: Mapping[str, Any]) -> dict:
     """ACT's sizes from ``model.act`` over :data:`DEFAULTS`; an unknown name is an error listing the known ones."""
-    given = dict(model.get("act", {}) or {})
+    given = _plain(model.get("act"))
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown model.act setting(s) {unknown}; known: {sorted(DEFAULTS)}")
@@ -214,7 +225,8 @@ def act_settings(model: Mapping[str, Any]) -> dict:
 
 @register("act")
 def build_act(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: int, rngs: nnx.Rngs) -> ACTPolicy:
-    """The ACT preset from ``model`` (``head``, ``head_kwargs``, ``act``: sizes, see :data:`DEFAULTS`)."""
+    """The ACT preset from ``model``: ``head`` (default ``"act"``, ACT's decoder), ``head_kwargs`` over
+    ``head_defaults[head]``, and ``act`` (sizes, see :data:`DEFAULTS`); ``text_vocab_size`` is unused."""
     head = model.get("head", "act") or "act"
-    return ACTPolicy(spec, head_name=head, head_kwargs=dict(model.get("head_kwargs", {}) or {}),
-                     rngs=rngs, **act_settings(model))
+    head_kwargs = {**_plain(_plain(model.get("head_defaults")).get(head)), **_plain(model.get("head_kwargs"))}
+    return ACTPolicy(spec, head_name=head, head_kwargs=head_kwargs, rngs=rngs, **act_settings(model))

@@ -130,7 +130,9 @@ def spec_from_config(config: Mapping, cameras: Sequence[str]) -> PolicySpec:
         raise CheckpointError(f"ACT cameras of shapes {sorted(sizes)}: the preset needs square images of one size")
     return PolicySpec(cameras=tuple(cameras), image_size=int(next(iter(sizes))[0]),
                       state_dim=feature_dim(config, "observation.state"), action_dim=feature_dim(config, "action"),
-                      horizon=int(config["chunk_size"]), max_text_len=0, state_input="none")
+                      horizon=int(config["chunk_size"]),
+                      # ACT reads no text; one slot keeps the shared observation path's tokenizer happy
+                      max_text_len=1, state_input="head")
 
 
 def load_lerobot_act(path: str | Path, *, camera_map: Mapping[str, str] | None = None,

@@ -1,0 +1,234 @@
+"""The ACT preset equals LeRobot's ACTPolicy (0.4.4) on its reference fixture, from the preprocessed inputs and
+from the raw ones through vlax's ObservationPipeline (normalization and un-normalization included); the default
+preset has LeRobot's layout key by key; the head swaps; the tiny preset trains through experiments/train.py.
+
+The weights are the published numpy recipe (tests/lerobot_refs.py) written as model.safetensors next to copies of
+the fixture's config and processor files. Tolerance 1e-5 (fp32): the fixture README measured LeRobot's own
+float32-vs-float64 spread of this output at 6e-7; we measured at most 1.1e-6 here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+import lerobot_refs
+from vlax.build import build_policy
+from vlax.heads import ActionQueue, TemporalEnsembler
+from vlax.nn import count_params
+from vlax.observation import ObservationPipeline
+from vlax.policy import PolicySpec
+from vlax.tokenizers import ByteTokenizer
+from vlax.weights.common import CheckpointError, param_shapes, rename_tensors
+from vlax.weights.lerobot_act import act_rules, load_lerobot_act, split_in_proj
+
+ATOL = 1e-5
+DEFAULT_PARAMS = 51_613_582  # ../shared/refs/lerobot/published_layouts/params_act_default.txt
+FIXTURE = lerobot_refs.fixture("act")
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    return lerobot_refs.policy_dir("act", tmp_path_factory.mktemp("act"))
+
+
+@pytest.fixture(scope="module")
+def imported(policy_dir):
+    return load_lerobot_act(policy_dir)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return lerobot_refs.reference("act")
+
+
+def nhwc(x: np.ndarray) -> np.ndarray:
+    return np.transpose(x, (0, 2, 3, 1))
+
+
+def preprocessed_obs(inputs: dict, cameras) -> dict:
+    return {"images": {c: jnp.asarray(nhwc(inputs[f"preprocessed/observation.images.{c}"])) for c in cameras},
+            "state": jnp.asarray(inputs["preprocessed/observation.state"])}
+
+
+def chunk_from_preprocessed(policy, obs: dict) -> np.ndarray:
+    tokens, pos = policy.encode(obs, pixels_normalized=True)
+    from vlax.nn import HeadContext
+
+    ctx = HeadContext(tokens=tokens, mask=jnp.ones(tokens.shape[:2], bool))
+    return np.asarray(policy.head.predict(ctx, pos))
+
+
+def test_preprocessed_inputs_reproduce_lerobot(imported, reference):
+    inputs, outputs, meta = reference
+    policy, _ = imported
+    assert policy.spec.cameras == ("top", "wrist") and policy.spec.horizon == 8 and policy.spec.action_dim == 4
+    obs = preprocessed_obs(inputs, policy.spec.cameras)
+    chunk = chunk_from_preprocessed(policy, obs)
+    np.testing.assert_allclose(chunk, outputs["chunk"], rtol=0, atol=ATOL)
+    # select_action: the first of the n_action_steps (= chunk_size) queued actions
+    queue = ActionQueue(8)
+    np.testing.assert_allclose(np.asarray(queue.select(lambda: jnp.asarray(chunk))), outputs["select_action"],
+                               rtol=0, atol=ATOL)
+    # normalized dataset-mean images: the state path dominates (README caveat 4)
+    zero = {"images": {c: jnp.zeros_like(v) for c, v in obs["images"].items()}, "state": obs["state"]}
+    zero_chunk = chunk_from_preprocessed(policy, zero)
+    np.testing.assert_allclose(zero_chunk, outputs["chunk_zero_images"], rtol=0, atol=ATOL)
+    # the references are far apart, so matching both is not an accident of a constant output
+    assert np.abs(outputs["chunk"] - outputs["chunk_zero_images"]).max() > 0.1
+
+
+def test_raw_inputs_through_the_observation_pipeline(imported, reference):
+    inputs, outputs, _ = reference
+    policy, artifact = imported
+    pipeline = ObservationPipeline(policy.spec, ByteTokenizer(), {"lerobot": artifact})
+    images = {}
+    for camera in policy.spec.cameras:
+        frames = nhwc(inputs[f"raw/observation.images.{camera}"])
+        # LeRobot's decoders return uint8 / 255: the stored floats are exactly such values
+        as_uint8 = np.round(frames * 255).astype(np.uint8)
+        np.testing.assert_array_equal(as_uint8.astype(np.float32) / 255, frames)
+        images[camera] = as_uint8
+    raw = {"images": images, "state": inputs["raw/observation.state"], "prompt": list(inputs["raw/task"])}
+    model_inputs = pipeline.model_inputs(raw)
+    np.testing.assert_allclose(model_inputs["state"], inputs["preprocessed/observation.state"], rtol=0, atol=1e-6)
+    chunk = np.asarray(policy.sample(model_inputs, rngs=jax.random.key(0)))
+    np.testing.assert_allclose(chunk, outputs["chunk"], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(pipeline.actions(chunk), outputs["chunk_unnormalized"], rtol=1e-5, atol=ATOL)
+    np.testing.assert_allclose(pipeline.actions(chunk)[:, 0], outputs["select_action_unnormalized"], rtol=1e-5,
+                               atol=ATOL)
+    # temporal ensembling (ACT's coefficient 0.01): the first step executes the chunk's first action
+    ensembler = TemporalEnsembler(8, 0.01)
+    action, state = ensembler.update(ensembler.init(2, 4), jnp.asarray(chunk))
+    np.testing.assert_allclose(np.asarray(action), chunk[:, 0], rtol=0, atol=1e-7)
+    action, _ = ensembler.update(state, jnp.asarray(chunk))
+    w = np.exp(-0.01 * np.arange(2))
+    np.testing.assert_allclose(np.asarray(action), (w[0] * chunk[:, 1] + w[1] * chunk[:, 0]) / w.sum(), atol=1e-6)
+
+
+def act_model(variant: str = "tiny", **overrides) -> dict:
+    from experiments.configs import act
+
+    model = act.get_config(variant).model.to_dict()
+    model.update(overrides)
+    return model
+
+
+def test_default_preset_has_lerobots_layout_and_parameter_count():
+    spec = PolicySpec(cameras=("top",), image_size=480, state_dim=14, action_dim=14, horizon=100, max_text_len=0,
+                      state_input="head")
+    policy = nnx.eval_shape(lambda: build_policy(act_model("default"), spec, 0, nnx.Rngs(0)))
+    assert count_params(nnx.state(policy, nnx.Param)) == DEFAULT_PARAMS
+    # key by key: LeRobot's published listing, through the importer's key map, gives exactly our variables
+    listing = {}
+    for line in (FIXTURE / "params_act_default.txt").read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        _, key, shape, _ = line.split("\t")
+        listing[key] = np.broadcast_to(np.float32(0), tuple(json.loads(shape.replace("(", "[").replace(")", "]")
+                                                                        .replace(",]", "]"))))
+    listing.pop("model.vae_encoder_pos_enc")  # recomputed by the preset, checked by the importer
+    renamed, _ = rename_tensors(split_in_proj(listing), act_rules())
+    ours = {**{k: tuple(v.shape) for k, v in param_shapes(policy).items()},
+            **{".".join(map(str, p)): tuple(v.get_value().shape)
+               for p, v in nnx.to_flat_state(nnx.state(policy, nnx.BatchStat))}}
+    assert {k: tuple(v.shape) for k, v in renamed.items()} == ours
+
+
+def test_head_swaps_on_the_act_encoder():
+    spec = PolicySpec(cameras=("top",), image_size=32, state_dim=3, action_dim=2, horizon=4, max_text_len=0,
+                      state_input="head")
+    obs = {"images": {"top": jnp.zeros((2, 32, 32, 3), jnp.uint8)}, "state": jnp.ones((2, 3))}
+    model = act_model("tiny", head="diffusion", act={**act_model()["act"], "backbone_widths": (16, 16, 16, 16)})
+    policy = build_policy(model, spec, 0, nnx.Rngs(0))
+    assert type(policy.head).__name__ == "DiffusionHead"
+    actions = policy.sample(obs, rngs=jax.random.key(0))
+    assert actions.shape == (2, 4, 2) and np.all(np.isfinite(np.asarray(actions)))
+    loss, _ = policy.loss(obs, jnp.zeros((2, 4, 2)), rngs=jax.random.key(1))
+    assert np.isfinite(float(loss))
+
+
+def test_training_loss_adds_the_kl_of_the_vae_posterior(imported, reference):
+    inputs, outputs, _ = reference
+    policy, _ = imported
+    obs = {"images": {c: jnp.zeros((2, 64, 64, 3), jnp.uint8) for c in policy.spec.cameras},
+           "state": jnp.asarray(inputs["preprocessed/observation.state"])}
+    actions = jnp.asarray(outputs["chunk_zero_images"])
+    eval_loss, eval_metrics = policy.loss(obs, actions, rngs=jax.random.key(0), train=False)
+    expected_l1 = np.abs(np.asarray(policy.sample(obs)) - outputs["chunk_zero_images"]).mean()
+    np.testing.assert_allclose(float(eval_loss), expected_l1, rtol=1e-5)
+    train_loss, metrics = policy.loss(obs, actions, rngs=jax.random.key(0), train=True)
+    assert float(metrics["kl"]) > 0
+    np.testing.assert_allclose(float(train_loss), float(metrics["l1"]) + 10.0 * float(metrics["kl"]), rtol=1e-5)
+    # padded steps are hidden from the posterior: changing them does not change the loss
+    mask = jnp.ones((2, 8, 1), bool).at[:, 6:].set(False)
+    a, _ = policy.loss(obs, actions, action_mask=mask, rngs=jax.random.key(0))
+    b, _ = policy.loss(obs, actions.at[:, 6:].set(5.0), action_mask=mask, rngs=jax.random.key(0))
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+
+
+def test_tiny_act_trains_on_the_lerobot_fixture(tmp_path):
+    from experiments.train import train
+    from train_helpers import tiny_finetune_config
+
+    dataset = Path(__file__).parent / "fixtures" / "lerobot_ds"
+    cameras = (("observation.images.top", "top"), ("observation.images.wrist", "wrist"))
+    c = tiny_finetune_config(tmp_path / "run", {"path": str(dataset), "cameras": cameras}, steps=8)
+    tiny = act_model()
+    for key in ("preset", "head", "head_kwargs", "state_input", "act"):
+        c.model[key] = tiny[key]
+    c.model.act.backbone_widths = (16, 16, 32, 32)  # keeps the CPU step short; the layout is unchanged
+    c.optim.learning_rate = 3e-3
+    summary = train(c)
+    losses = summary["losses"]
+    assert summary["final_step"] == 8 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2]), losses
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_a_policy_of_another_type_is_named(policy_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in policy_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    config = json.loads((bad / "config.json").read_text())
+    config["type"] = "diffusion"
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"type 'diffusion'.*\['act'\]"):
+        load_lerobot_act(bad)
+
+
+def test_missing_processor_files_and_weights_are_named(policy_dir, tmp_path):
+    bad = tmp_path / "noproc"
+    bad.mkdir()
+    for f in policy_dir.iterdir():
+        if f.name != "policy_preprocessor.json":
+            (bad / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(CheckpointError, match="policy_preprocessor.json"):
+        load_lerobot_act(bad)
+    # a state dict missing one entry and carrying a stray one names both
+    (bad / "policy_preprocessor.json").write_bytes((policy_dir / "policy_preprocessor.json").read_bytes())
+    tensors = load_file(str(policy_dir / "model.safetensors"))
+    tensors["model.extra.weight"] = tensors.pop("model.action_head.weight")
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"(?s)missing keys.*head\.action_out\.kernel.*unexpected.*model\.extra"):
+        load_lerobot_act(bad)
+
+
+def test_a_camera_the_data_lacks_is_named(policy_dir):
+    with pytest.raises(CheckpointError, match=r"camera\(s\) \['wrist'\].*camera_map"):
+        load_lerobot_act(policy_dir, data_cameras=["top", "side"])
+    policy, _ = load_lerobot_act(policy_dir, camera_map={"observation.images.wrist": "side"},
+                                 data_cameras=["top", "side"])
+    assert policy.spec.cameras == ("top", "side")
+    with pytest.raises(CheckpointError, match="observation.images.left"):
+        load_lerobot_act(policy_dir, camera_map={"observation.images.left": "top"})
