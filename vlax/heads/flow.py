@@ -277,6 +277,9 @@ class FlowHead(ActionHead):
       causal_actions: action tokens attend causally among themselves (SmolVLA) instead of bidirectionally (π0).
       rope: the backbone's RoPE settings.
       num_steps: default number of Euler steps.
+      norm_eps: RMSNorm epsilon of the SmolVLA expert (SmolLM2: 1e-5).
+      float64_time_features: compute the sampling loop's time features in float64 on the host (LeRobot's
+        SmolVLA does; float32 angles of up to ~1571 rad move them by ~1e-4).
     """
 
     def __init__(self, action_dim: int, horizon: int, context: ContextSpec, *, expert: str = "pi0",
