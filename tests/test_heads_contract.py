@@ -64,6 +64,7 @@ def test_import_checker_rejects_what_it_should():
 SPEC = vn.ContextSpec(width=16, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, vocab_size=64)
 SMALL = {  # the cheapest construction of each registered head
     "binned": dict(num_heads=2, n_bins=8), "binned_lm": dict(n_bins=8),
+    "act": dict(num_heads=2, mlp_dim=16),
     "chunk": dict(width=16, num_heads=2, mlp_dim=16), "chunk_cvae": dict(width=16, num_heads=2, mlp_dim=16,
                                                                           encoder_depth=1),
     "flow": dict(width=8, mlp_dim=16), "flow_pi05": dict(width=8, mlp_dim=16), "flow_smolvla": dict(mlp_dim=16),
