@@ -169,7 +169,7 @@ def test_parameter_counts_tiny_equals_lerobot_published_is_smolvla_base():
     assert _param_count(m) == vision + connector + text + head + 32 * d + d == 450_046_176  # SmolVLA's "450M"
 
 
-@pytest.mark.parametrize("head", ["chunk", "diffusion"])
+@pytest.mark.parametrize("head", ["chunk"])  # diffusion builds the same way; one head keeps the file fast
 def test_smolvla_prefix_with_another_head_builds_and_samples(ckpt, head):
     from vlax.weights.common import to_numpy_flat
 
@@ -195,7 +195,9 @@ def test_tiny_preset_trains_on_the_lerobot_fixture(tmp_path):
     c = smolvla.get_config("tiny")
     c.workdir = str(tmp_path / "run")
     c.data.sources[0].path = str(Path(__file__).parent / "fixtures" / "lerobot_ds")
-    c.data.sources[0].cameras = (("observation.images.top", "top"), ("observation.images.wrist", "wrist"))
+    # one camera and half the layers of the tiny sizes: compiling the train step dominates this test
+    c.data.sources[0].cameras = (("observation.images.wrist", "wrist"),)
+    c.model.smolvla.num_vlm_layers, c.model.smolvla.vision.depth = 2, 1
     c.data.batch_size, c.data.shuffle_buffer, c.data.val_fraction = 8, 16, 0.0
     c.model.tokenizer = str(fixture("smolvla") / "vlm")
     c.train.steps = c.train.save_every = 2

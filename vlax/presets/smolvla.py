@@ -83,17 +83,17 @@ def sizes_from_model(model: Mapping[str, Any], text_vocab_size: int = 0) -> Smol
         raise ValueError("add_image_special_tokens=True is not supported by the smolvla preset (published SmolVLA "
                          "checkpoints use False)")
     v, t = dict(c["vision"]), dict(c["text"])
+    dtype = None if model.get("dtype") in (None, "float32") else jnp.dtype(model["dtype"])
     vision = ViTConfig(width=int(v["width"]), depth=int(v["depth"]), mlp_dim=int(v["mlp_dim"]),
                        num_heads=int(v["num_heads"]), patch_size=int(v["patch_size"]),
                        image_size=int(v["image_size"]), pool="none", act=v.get("act", "gelu_tanh"),
-                       norm_eps=float(v.get("norm_eps", 1e-6)))
+                       norm_eps=float(v.get("norm_eps", 1e-6)), dtype=None if dtype is None else dtype.name)
     vocab = int(t["vocab_size"])
     if text_vocab_size > vocab:
         raise ValueError(f"the tokenizer has {text_vocab_size} ids but model.smolvla.text.vocab_size is {vocab}; "
                          "use the checkpoint's tokenizer (its vlm/ directory) or raise the vocabulary")
     depth = int(c.get("num_vlm_layers", -1))
     depth = int(t["depth"]) if depth <= 0 else depth
-    dtype = None if model.get("dtype") in (None, "float32") else jnp.dtype(model["dtype"])
     text = TransformerConfig(vocab_size=vocab, width=int(t["width"]), depth=depth, mlp_dim=int(t["mlp_dim"]),
                              num_heads=int(t["num_heads"]), num_kv_heads=int(t["num_kv_heads"]),
                              head_dim=int(t["head_dim"]), norm_eps=float(t.get("norm_eps", 1e-5)), act="silu",
