@@ -146,13 +146,55 @@ def test_head_swaps_on_the_act_encoder():
     spec = PolicySpec(cameras=("top",), image_size=32, state_dim=3, action_dim=2, horizon=4, max_text_len=0,
                       state_input="head")
     obs = {"images": {"top": jnp.zeros((2, 32, 32, 3), jnp.uint8)}, "state": jnp.ones((2, 3))}
-    model = act_model("tiny", head="diffusion", act={**act_model()["act"], "backbone_widths": (16, 16, 16, 16)})
+    model = act_model("tiny", head="diffusion", act={**act_model()["act"], "backbone_widths": (16, 16, 16, 16)},
+                      head_kwargs={"num_steps": 2, "denoiser_kwargs": {"hidden_dim": 8, "num_blocks": 1}})
     policy = build_policy(model, spec, 0, nnx.Rngs(0))
     assert type(policy.head).__name__ == "DiffusionHead"
     actions = policy.sample(obs, rngs=jax.random.key(0))
     assert actions.shape == (2, 4, 2) and np.all(np.isfinite(np.asarray(actions)))
     loss, _ = policy.loss(obs, jnp.zeros((2, 4, 2)), rngs=jax.random.key(1))
     assert np.isfinite(float(loss))
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_act_layers_without_positions_equal_torch_transformer_layers(pre_norm):
+    """With no position embedding, ACT's encoder / decoder layers are torch's TransformerEncoderLayer /
+    TransformerDecoderLayer (norm_first = pre_norm), whose state-dict names ACT shares."""
+    import torch
+
+    from vlax.heads.chunk import ACTDecoderHead, ACTEncoder
+    from vlax.weights.common import assign_params
+
+    torch.manual_seed(0)
+    kw = dict(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True, norm_first=pre_norm)
+    torch_enc, torch_dec = torch.nn.TransformerEncoderLayer(**kw).eval(), torch.nn.TransformerDecoderLayer(**kw).eval()
+    with torch.no_grad():  # non-trivial norms
+        for layer in (torch_enc, torch_dec):
+            for name, p in layer.named_parameters():
+                if "norm" in name:
+                    p.add_(0.3 * torch.randn_like(p))
+
+    class Holder(nnx.Module):
+        def __init__(self, rngs):
+            self.encoder = ACTEncoder(16, 1, 2, 32, pre_norm=pre_norm, rngs=rngs)
+            self.head = ACTDecoderHead(3, 4, 16, num_heads=2, mlp_dim=32, pre_norm=pre_norm, dropout=0.0, rngs=rngs)
+
+    holder = Holder(nnx.Rngs(0))
+    state = {f"model.encoder.layers.0.{k}": v.numpy() for k, v in torch_enc.state_dict().items()}
+    state |= {f"model.decoder.layers.0.{k}": v.numpy() for k, v in torch_dec.state_dict().items()}
+    flat, sources = rename_tensors(split_in_proj(state), act_rules())
+    assert set(flat) <= set(param_shapes(holder)), sorted(set(flat) - set(param_shapes(holder)))
+    assert len(flat) == len(state) + 4 * 3  # each in_proj weight and bias became three pieces
+    assign_params(holder, flat, strict=False, sources=sources)
+    rng = np.random.default_rng(0)
+    x, memory = rng.standard_normal((2, 5, 16), np.float32), rng.standard_normal((2, 7, 16), np.float32)
+    with torch.no_grad():
+        want_enc = torch_enc(torch.from_numpy(x)).numpy()
+        want_dec = torch_dec(torch.from_numpy(x), torch.from_numpy(memory)).numpy()
+    ours_enc = holder.encoder.layers[0](jnp.asarray(x), None)
+    ours_dec = holder.head.layers[0](jnp.asarray(x), None, jnp.asarray(memory), None, None)
+    np.testing.assert_allclose(np.asarray(ours_enc), want_enc, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours_dec), want_dec, rtol=0, atol=1e-5)
 
 
 def test_training_loss_adds_the_kl_of_the_vae_posterior(imported, reference):

@@ -235,10 +235,13 @@ class ACTEncoderLayer(nnx.Module):
         h = self.norm1(x) if self.pre_norm else x
         qk = _with_pos(h, pos)
         x = x + dropout(self.self_attn(qk, qk, h, key_mask), rate, keys[0], train)
-        h = self.norm2(x) if self.pre_norm else self.norm1(x)
-        ffn = self.linear2(dropout(jax.nn.relu(self.linear1(h)), rate, keys[1], train))
-        x = h + dropout(ffn, rate, keys[2], train) if not self.pre_norm else x + dropout(ffn, rate, keys[2], train)
-        return x if self.pre_norm else self.norm2(x)
+        if self.pre_norm:  # x + f(norm2(x))
+            h = self.norm2(x)
+            return x + dropout(self.linear2(dropout(jax.nn.relu(self.linear1(h)), rate, keys[1], train)), rate,
+                               keys[2], train)
+        h = self.norm1(x)  # post-norm: norm2(h + f(h)) with h = norm1(x + attention)
+        return self.norm2(h + dropout(self.linear2(dropout(jax.nn.relu(self.linear1(h)), rate, keys[1], train)),
+                                      rate, keys[2], train))
 
 
 class ACTEncoder(nnx.Module):
