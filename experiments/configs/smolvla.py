@@ -59,6 +59,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.model.max_text_len = 16 if variant == "tiny" else 48
     c.model.prompt = "smolvla"                     # the task with a trailing newline
     c.model.tokenizer = "byte"                     # or the vlm/ directory of a checkpoint (its tokenizer.json)
+    # LeRobot's defaults (freeze_vision_encoder, train_expert_only): the VLM stays as loaded; the state projection
+    # and the head train. '' trains everything.
+    c.optim.freeze = r"^(vision|connector|backbone)/"
     if variant == "published":
         c.data.batch_size = 64
         c.model.dtype = "bfloat16"
