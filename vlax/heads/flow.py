@@ -280,6 +280,7 @@ class FlowHead(ActionHead):
       norm_eps: RMSNorm epsilon of the SmolVLA expert (SmolLM2: 1e-5).
       float64_time_features: compute the sampling loop's time features in float64 on the host (LeRobot's
         SmolVLA does; float32 angles of up to ~1571 rad move them by ~1e-4).
+      accumulate_time: Euler times as ``t += dt`` from 1 (openpi's π0 / π0.5) instead of ``1 + i dt``.
     """
 
     def __init__(self, action_dim: int, horizon: int, context: ContextSpec, *, expert: str = "pi0",
@@ -289,7 +290,7 @@ class FlowHead(ActionHead):
                  rope: RopeConfig | None = RopeConfig(), num_steps: int = 10,
                  time_beta: tuple[float, float] = (1.5, 1.0), time_min_period: float = 4e-3,
                  time_max_period: float = 4.0, norm_eps: float = 1e-6, float64_time_features: bool = False,
-                 rngs: nnx.Rngs):
+                 accumulate_time: bool = False, rngs: nnx.Rngs):
         self._init_contract(action_dim, horizon, context)
         if expert not in EXPERTS:
             raise ValueError(f"unknown flow expert {expert!r}; known: {list(EXPERTS)}")
@@ -309,6 +310,7 @@ class FlowHead(ActionHead):
         self.time_beta, self.periods = tuple(map(float, time_beta)), (float(time_min_period), float(time_max_period))
         self.causal_actions = causal_actions
         self.float64_time_features = bool(float64_time_features)
+        self.accumulate_time = bool(accumulate_time)
         self.action_in_proj = Dense(self.action_dim, width, axes=(None, "embed"), rngs=rngs)
         self.state_proj = Dense(state_dim, width, axes=(None, "embed"), rngs=rngs) if state_dim else None
         if self.adarms:
@@ -401,12 +403,16 @@ class FlowHead(ActionHead):
 
         table = self._time_feature_table(steps) if self.float64_time_features else None
 
-        def step(i, x):
-            t = jnp.full((b,), 1.0 + i * dt, jnp.float32)
+        def step(i, carry):
+            # accumulate_time: t += dt as openpi does; 1 + i dt differs by float32 ulps, which the time features'
+            # ~1571 rad angles turn into ~1e-5 in the actions
+            x, t = carry
             emb = None if table is None else table[i]
-            return x + dt * self.velocity(prefix, state, x, t, emb).astype(x.dtype)
+            now = t if self.accumulate_time else 1.0 + i * dt
+            x = x + dt * self.velocity(prefix, state, x, jnp.full((b,), now, jnp.float32), emb).astype(x.dtype)
+            return x, t + jnp.float32(dt)
 
-        return jax.lax.fori_loop(0, steps, step, noise)
+        return jax.lax.fori_loop(0, steps, step, (noise, jnp.float32(1.0)))[0]
 
     def _time_feature_table(self, steps: int) -> jax.Array:
         """``[steps, W]`` sin-cos features of the Euler times ``1 + i dt``, in float64 on the host, then float32.

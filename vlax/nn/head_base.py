@@ -13,8 +13,6 @@ always come from separate streams. ``lm`` is only read by heads that decode thro
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -80,7 +78,10 @@ def sincos_embedding(t: jax.Array, dim: int, min_period: float = 4e-3, max_perio
         raise ValueError(f"sin-cos embedding dim must be even, got {dim}")
     fraction = jnp.linspace(0.0, 1.0, dim // 2)
     period = min_period * (max_period / min_period) ** fraction
-    angles = t.astype(jnp.float32)[:, None] * (2 * math.pi / period)[None, :]
+    # openpi's exact float32 order (1 / period * 2 pi, full-precision product): the angles reach ~1571 rad, where
+    # rounding the frequency another way moves a feature by ~6e-5.
+    angles = jnp.einsum("i,j->ij", t.astype(jnp.float32), 1.0 / period * 2 * jnp.pi,
+                        precision=jax.lax.Precision.HIGHEST)
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
