@@ -232,6 +232,16 @@ def test_tiny_act_trains_on_the_lerobot_fixture(tmp_path):
     losses = summary["losses"]
     assert summary["final_step"] == 8 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2]), losses
+    # the checkpoint acts through the one observation pipeline (as evaluation and serving do)
+    from vlax.inference import PolicyRunner
+
+    runner = PolicyRunner.from_checkpoint(c.workdir)
+    rng = np.random.default_rng(0)
+    raw = {"images": {"top": rng.integers(0, 256, (64, 64, 3), np.uint8),
+                      "wrist": rng.integers(0, 256, (48, 80, 3), np.uint8)},
+           "state": rng.normal(size=4).astype(np.float32), "prompt": "pick up the red cube"}
+    actions = runner.infer(raw, rng=jax.random.key(1))
+    assert actions.shape == (4, 4) and np.all(np.isfinite(actions))
 
 
 # ---------------------------------------------------------------------------------------------- bad input
