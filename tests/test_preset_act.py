@@ -70,6 +70,10 @@ def test_preprocessed_inputs_reproduce_lerobot(imported, reference):
     inputs, outputs, meta = reference
     policy, _ = imported
     assert policy.spec.cameras == ("top", "wrist") and policy.spec.horizon == 8 and policy.spec.action_dim == 4
+    assert count_params(nnx.state(policy, nnx.Param)) == meta["weights"]["n_parameters"]  # 11,215,092
+    # experiments/configs/act.py:tiny is the fixture's architecture
+    tiny = nnx.eval_shape(lambda: build_policy(act_model(), policy.spec, 0, nnx.Rngs(0)))
+    assert param_shapes(tiny) == param_shapes(policy)
     obs = preprocessed_obs(inputs, policy.spec.cameras)
     chunk = chunk_from_preprocessed(policy, obs)
     np.testing.assert_allclose(chunk, outputs["chunk"], rtol=0, atol=ATOL)
