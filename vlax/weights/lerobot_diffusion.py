@@ -128,7 +128,7 @@ def model_config(config: dict, pixel_stats: dict | None = None) -> tuple[dict, P
     cameras = tuple(camera_name(f) for f in features)
     spec = PolicySpec(cameras=cameras, image_size=_square_size(config, features),
                       state_dim=feature_dim(config, "observation.state"), action_dim=feature_dim(config, "action"),
-                      horizon=int(config["horizon"]), max_text_len=0, state_input="head",
+                      horizon=int(config["horizon"]), max_text_len=1, state_input="head",
                       obs_history=int(config["n_obs_steps"]))
     steps = config.get("num_inference_steps") or config["num_train_timesteps"]
     head_kwargs = {

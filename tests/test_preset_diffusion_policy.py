@@ -1,0 +1,212 @@
+"""Diffusion Policy preset against LeRobot 0.4.4's own outputs (tests/fixtures/lerobot_refs/diffusion).
+
+The fixture's weights are regenerated from the numpy recipe (tests/lerobot_refs.py) into a LeRobot policy
+directory, imported, and LeRobot's reference calls are re-run: the global conditioning over the two-step history,
+the DDIM sample from the stored noise (all horizon steps), the executed chunk, the first call's [t0, t0] history,
+and the unnormalized actions, from the preprocessed inputs and from the raw dataset values through the one
+ObservationPipeline. Tolerance 1e-5 (fp32); the README measured LeRobot's own float32-vs-float64 spread of this
+output at 1.5e-6.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+import lerobot_refs
+from vlax.build import build_policy, policy_spec
+from vlax.nn import ContextSpec, HeadContext, count_params
+from vlax.observation import ObservationPipeline
+from vlax.tokenizers import ByteTokenizer
+from vlax.weights.common import CheckpointError
+from vlax.weights.lerobot_diffusion import load_lerobot_diffusion
+
+ATOL = 1e-5
+DEFAULT_PARAMS = 262_709_026  # ../shared/refs/lerobot/published_layouts/params_diffusion_default.txt
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    return load_lerobot_diffusion(lerobot_refs.policy_dir("diffusion", tmp_path_factory.mktemp("dp")))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return lerobot_refs.reference("diffusion")
+
+
+def nhwc(x: np.ndarray) -> np.ndarray:
+    return np.transpose(x, (0, 2, 3, 1))
+
+
+def history(inputs: dict, key: str, steps: tuple[str, ...]) -> np.ndarray:
+    """``[B, T, ...]`` of ``key`` over the given step prefixes (``preprocessed``, ``preprocessed_t1``, ...)."""
+    frames = [inputs[f"{s}/{key}"] for s in steps]
+    if key.startswith("observation.images."):
+        frames = [nhwc(f) for f in frames]
+    return np.stack(frames, axis=1)
+
+
+def preprocessed_obs(policy, inputs: dict, steps: tuple[str, ...]) -> tuple[dict, np.ndarray]:
+    images = {c: jnp.asarray(history(inputs, f"observation.images.{c}", steps)) for c in policy.spec.cameras}
+    return images, jnp.asarray(history(inputs, "observation.state", steps))
+
+
+# Compiled once per shape: eager op-by-op dispatch of the ResNet and the U-Net loop is what would make this slow.
+global_condition = nnx.jit(lambda policy, images, state: policy.global_condition(images, state))
+head_sample = nnx.jit(lambda head, cond, noise: head.sample(
+    HeadContext(tokens=cond[:, None], mask=jnp.ones((cond.shape[0], 1), bool)), rngs=jax.random.key(0), noise=noise))
+policy_sample = nnx.jit(lambda policy, obs, noise: policy.sample(obs, rngs=jax.random.key(0), noise=noise))
+
+
+def sample_from(policy, cond: jax.Array, noise: np.ndarray) -> np.ndarray:
+    return np.asarray(head_sample(policy.head, cond, jnp.asarray(noise)))
+
+
+def test_preprocessed_inputs_reproduce_lerobot(imported, reference):
+    inputs, outputs, meta = reference
+    policy = imported.policy
+    assert policy.spec.cameras == ("top", "wrist") and policy.spec.obs_history == 2 and policy.spec.horizon == 8
+    full = ("preprocessed", "preprocessed_t1")
+    cond = global_condition(policy, *preprocessed_obs(policy, inputs, full))
+    np.testing.assert_allclose(np.asarray(cond), outputs["global_cond_full_history"], rtol=0, atol=ATOL)
+    sample = sample_from(policy, cond, outputs["noise"])
+    np.testing.assert_allclose(sample, outputs["sample_full_history"], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(policy.executed(sample)), outputs["chunk_full_history"], rtol=0, atol=ATOL)
+    # select_action's first call: the queues hold [t0, t0]; it returns the first of the executed actions.
+    first = np.asarray(policy.executed(sample_from(
+        policy, global_condition(policy, *preprocessed_obs(policy, inputs, ("preprocessed", "preprocessed"))),
+        outputs["noise"])))
+    np.testing.assert_allclose(first, outputs["chunk_first_call"], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(first[:, 0], outputs["select_action"], rtol=0, atol=ATOL)
+    # the reference is not trivially matched: clipping leaves interior values and the history matters
+    assert np.mean(np.abs(outputs["sample_full_history"]) < 1) > 0.5
+    assert np.abs(first - outputs["chunk_full_history"]).max() > 1e-2
+
+
+def test_raw_inputs_through_the_observation_pipeline(imported, reference):
+    inputs, outputs, _ = reference
+    policy = imported.policy
+    pipeline = ObservationPipeline(policy.spec, ByteTokenizer(), {"lerobot": imported.normalization})
+    raw_steps = ("raw", "raw_t1")
+    images = {}
+    for camera in policy.spec.cameras:
+        frames = history(inputs, f"observation.images.{camera}", raw_steps)
+        # LeRobot's decoders return uint8 / 255: the stored floats are exactly such values
+        as_uint8 = np.round(frames * 255).astype(np.uint8)
+        np.testing.assert_array_equal(as_uint8.astype(np.float32) / 255, frames)
+        images[camera] = as_uint8
+    raw = {"images": images, "state": history(inputs, "observation.state", raw_steps),
+           "prompt": list(inputs["raw/task"])}
+    model_inputs = pipeline.model_inputs(raw)
+    assert model_inputs["images"]["top"].shape == (2, 2, 64, 64, 3) and model_inputs["state"].shape == (2, 2, 4)
+    np.testing.assert_allclose(model_inputs["state"], history(inputs, "observation.state", ("preprocessed",
+                                                                                           "preprocessed_t1")),
+                               rtol=0, atol=1e-6)
+    obs = {"images": model_inputs["images"], "state": model_inputs["state"]}
+    chunk = policy_sample(policy, obs, jnp.asarray(outputs["noise"]))
+    np.testing.assert_allclose(np.asarray(chunk), outputs["sample_full_history"], rtol=0, atol=ATOL)
+    actions = pipeline.actions(policy.executed(chunk))
+    np.testing.assert_allclose(actions, outputs["chunk_full_history_unnormalized"], rtol=1e-5, atol=ATOL)
+    np.testing.assert_allclose(pipeline.actions(chunk), outputs["sample_full_history_unnormalized"], rtol=1e-5,
+                               atol=ATOL)
+
+
+def test_head_sampling_equals_diffusers_ddim_loop():
+    """The head's DDIM loop from a given noise equals diffusers' DDIMScheduler driving the same denoiser, for both
+    prediction types LeRobot offers."""
+    from vlax.heads import get_head
+
+    for prediction_type in ("epsilon", "sample"):
+        head = get_head("diffusion_unet", action_dim=3, horizon=8, context=ContextSpec(width=6), sampler="ddim",
+                        num_train_timesteps=30, num_steps=6, prediction_type=prediction_type, rngs=nnx.Rngs(1),
+                        denoiser_kwargs={"down_dims": (16, 32), "kernel_size": 3, "n_groups": 4,
+                                         "step_embed_dim": 8, "film_scale": False})
+        cond = jax.random.normal(jax.random.key(2), (2, 6))
+        noise = np.asarray(jax.random.normal(jax.random.key(3), (2, 8, 3)))
+        ours = np.asarray(head_sample(head, cond, jnp.asarray(noise)))
+        scheduler = DDIMScheduler(num_train_timesteps=30, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+                                  prediction_type=prediction_type)
+        scheduler.set_timesteps(6)
+        x = torch.tensor(noise)
+        for t in scheduler.timesteps:
+            out = head.denoiser(jnp.asarray(x.numpy()), jnp.full((2,), int(t)), cond)
+            x = scheduler.step(torch.tensor(np.asarray(out)), t, x).prev_sample
+        np.testing.assert_allclose(ours, x.numpy(), rtol=0, atol=ATOL)
+
+
+def test_state_dict_mismatches_are_named(tmp_path):
+    src = lerobot_refs.policy_dir("diffusion", tmp_path)
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors.pop("diffusion.unet.mid_modules.0.cond_encoder.1.bias")
+    tensors["diffusion.unet.extra.weight"] = np.zeros((2, 2), np.float32)
+    save_file(tensors, str(src / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing keys.*head\.denoiser\.mid\.0\.film\.bias"
+                                              r"(.|\n)*unexpected keys.*diffusion\.unet\.extra\.weight"):
+        load_lerobot_diffusion(src)
+
+
+def test_other_policy_types_are_refused(tmp_path):
+    src = lerobot_refs.policy_dir("diffusion", tmp_path)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "type": "act"}))
+    with pytest.raises(CheckpointError, match=r"type 'act'.*\['diffusion'\]"):
+        load_lerobot_diffusion(src)
+    (src / "config.json").write_text(json.dumps({**config, "use_group_norm": False}))
+    with pytest.raises(CheckpointError, match="use_group_norm=False"):
+        load_lerobot_diffusion(src)
+
+
+def spec_only(variant: str, cameras: tuple[str, ...], state_dim: int, action_dim: int):
+    from experiments.configs import diffusion_policy
+
+    c = diffusion_policy.get_config(variant)
+    return c, policy_spec(c, cameras=cameras, state_dim=state_dim, action_dim=action_dim)
+
+
+def test_default_preset_has_lerobots_parameter_count():
+    c, spec = spec_only("default", ("top",), 2, 2)  # LeRobot's default features: one 96 px camera, 2-dim state
+    assert spec.obs_history == 2 and spec.horizon == 16 and spec.image_size == 96
+    model = nnx.eval_shape(lambda: build_policy(c.model, spec, 0, nnx.Rngs(0)))
+    assert count_params(model) == DEFAULT_PARAMS
+
+
+def test_tiny_config_builds_the_fixture_layout(imported):
+    c, spec = spec_only("tiny", ("top", "wrist"), 4, 4)
+    model = nnx.eval_shape(lambda: build_policy(c.model, spec, 0, nnx.Rngs(0)))
+    shapes = lambda m: {p: v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}  # noqa
+    assert shapes(model) == shapes(imported.policy)
+
+
+@pytest.mark.parametrize("head", ["chunk"])
+def test_head_swaps_on_the_observation_encoder(head):
+    c, spec = spec_only("tiny", ("top",), 4, 4)
+    c.model.head = head
+    c.model.diffusion_policy.encoder.resnet = {"depth": 18, "widths": (16, 16, 16, 16)}
+    policy = build_policy(c.model, spec, 0, nnx.Rngs(0))
+    assert type(policy.head).__name__ == "ChunkHead"
+    rng = np.random.default_rng(0)
+    obs = {"images": {"top": rng.integers(0, 256, (2, 2, 64, 64, 3), np.uint8)},
+           "state": rng.normal(size=(2, 2, 4)).astype(np.float32)}
+    actions = policy.sample(obs, rngs=jax.random.key(0))
+    assert actions.shape == (2, spec.horizon, 4) and np.all(np.isfinite(np.asarray(actions)))
+    loss, _ = policy.loss(obs, jnp.zeros((2, spec.horizon, 4)), rngs=jax.random.key(1))
+    assert np.isfinite(float(loss))
+
+
+def test_history_shape_errors_name_the_fix(imported):
+    pipeline = ObservationPipeline(imported.policy.spec, ByteTokenizer(), {"lerobot": imported.normalization})
+    frames = np.zeros((1, 64, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"\[B, 2, h, w, 3\] \(obs_history=2"):
+        pipeline.model_inputs({"images": {"top": frames, "wrist": frames}, "state": np.zeros((1, 2, 4)),
+                               "prompt": ["x"]})
