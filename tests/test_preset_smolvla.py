@@ -82,6 +82,15 @@ def test_chunk_and_select_action_equal_lerobot_from_preprocessed_inputs(loaded, 
     assert np.abs(chunk[:, :, :4] - out_044["chunk"]).max() > 0.1  # transformers 4.57's position ids: not ours
 
 
+def test_transformers_4_position_ids_reproduce_lerobot_0_4_4(ckpt, refs):
+    """The one difference between the two reference files is SmolVLM's vision position ids; with 4.57's
+    bucketized ids the same import reproduces LeRobot 0.4.4's outputs."""
+    policy, _ = load_smolvla(ckpt, vision_position_ids="bucketized")
+    inputs, _, out_044, _ = refs
+    chunk = sample(policy, preprocessed_obs(inputs), out_044["noise"])
+    np.testing.assert_allclose(chunk[:, :, :4], out_044["chunk"], rtol=0, atol=TOL)
+
+
 def test_raw_inputs_through_the_observation_pipeline(loaded, refs):
     policy, pipeline = loaded
     inputs, out_061, _, _ = refs
@@ -92,7 +101,8 @@ def test_raw_inputs_through_the_observation_pipeline(loaded, refs):
         assert np.array_equal(frames[c].astype(np.float32) / 255.0, unit)  # LeRobot's frames are uint8 / 255
     raw = {"images": frames, "state": inputs["raw/observation.state"], "prompt": list(inputs["raw/task"])}
     obs = pipeline.model_inputs(raw)
-    tokens, mask = inputs["preprocessed/observation.language.tokens"], inputs["preprocessed/observation.language.attention_mask"]
+    tokens = inputs["preprocessed/observation.language.tokens"]
+    mask = inputs["preprocessed/observation.language.attention_mask"]
     length = tokens.shape[1]
     assert np.array_equal(obs["text_ids"][:, :length][mask], tokens[mask])  # task + "\n", the VLM's tokenizer
     assert np.array_equal(obs["text_mask"][:, :length], mask) and not obs["text_mask"][:, length:].any()

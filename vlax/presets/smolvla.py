@@ -15,9 +15,10 @@ Composition (every piece is a shared vlax module)::
 Details LeRobot fixes and this preset follows (they change outputs):
 
 * RoPE in the VLM and the expert uses SmolVLA's own wavelength 10000, not the text config's ``rope_theta``.
-* Vision position ids are those of transformers 5.x (``0 .. n-1`` over the full patch grid, a plain learned
-  table). transformers 4.57 bucketized them to ``0, 0, 1, ..., n-2`` per axis; LeRobot 0.4.4 outputs used that
-  (``reference_outputs.npz``), LeRobot 0.6.1 with transformers 5.5.4 this one (``reference_outputs_lerobot0.6.1``).
+* Vision position ids are those of transformers 5.x by default (``vision_position_ids="sequential"``: ``0 .. n-1``
+  per axis of the full patch grid, a plain learned table; LeRobot 0.6.1 with transformers 5.5.4). transformers
+  4.57 bucketized them to ``0, 0, 1, ..., n-2`` per axis (``"bucketized"``; LeRobot 0.4.4's outputs). A
+  checkpoint trained under one behaviour should run under the same one.
 * The time features are computed in float64 (``float64_time_features``), as LeRobot does on CPU.
 * ``add_image_special_tokens`` is False in published configs; True is refused rather than silently ignored.
 """
@@ -30,6 +31,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vlax.backbones import Transformer
@@ -67,6 +69,7 @@ class SmolVLASizes:
     num_steps: int
     min_period: float
     max_period: float
+    vision_position_ids: str = "sequential"
 
     @property
     def tokens_per_image(self) -> int:
@@ -111,7 +114,25 @@ def sizes_from_model(model: Mapping[str, Any], text_vocab_size: int = 0) -> Smol
                         expert_width=width, expert_mlp_dim=expert_mlp_dim(width),
                         self_attn_every=int(c.get("self_attn_every_n_layers", 2)),
                         num_steps=int(c.get("num_steps", 10)), min_period=float(c.get("min_period", 4e-3)),
-                        max_period=float(c.get("max_period", 4.0)))
+                        max_period=float(c.get("max_period", 4.0)),
+                        vision_position_ids=_position_ids_mode(c.get("vision_position_ids", "sequential")))
+
+
+POSITION_IDS = ("sequential", "bucketized")
+
+
+def _position_ids_mode(mode: str) -> str:
+    if mode not in POSITION_IDS:
+        raise ValueError(f"model.smolvla.vision_position_ids={mode!r}; known: {list(POSITION_IDS)} (transformers "
+                         ">= 5 / transformers 4.57)")
+    return mode
+
+
+def bucketized_position_ids(side: int) -> np.ndarray:
+    """transformers 4.57's SmolVLM position ids of a full ``side x side`` grid: per axis ``bucketize(i / side *
+    (1 - 1e-6))`` over the boundaries ``k / side``, i.e. ``0, 0, 1, ..., side - 2``; ``[side * side]``."""
+    axis = np.maximum(np.arange(side) - 1, 0)
+    return (axis[:, None] * side + axis[None, :]).reshape(-1)
 
 
 def resize_with_pad(images: jax.Array, height: int, width: int) -> jax.Array:
@@ -165,7 +186,14 @@ class SmolVLAPolicy(nnx.Module):
         """Frames ``[B, h, w, 3]`` -> image tokens ``[B, n_img, D]`` (scaled by ``sqrt(D)``)."""
         height, width = self.sizes.resize
         pixels = resize_with_pad(to_unit_pixels(images), height, width) * 2.0 - 1.0
-        tokens = self.connector(self.vision(pixels).tokens)
+        vision = self.vision
+        if self.sizes.vision_position_ids == "bucketized":  # the same ViT reading a re-indexed position table
+            graphdef, state = nnx.split(vision)
+            pure = nnx.to_pure_dict(state)  # a copy: the module's own table stays as it is
+            table = pure["embeddings"]["position_embedding"]
+            pure["embeddings"]["position_embedding"] = table[bucketized_position_ids(self.sizes.vision.grid_size)]
+            vision = nnx.merge(graphdef, pure)
+        tokens = self.connector(vision(pixels).tokens)
         return tokens * jnp.asarray(math.sqrt(tokens.shape[-1]), tokens.dtype)
 
     def embed_prefix(self, obs: Mapping[str, Any]) -> tuple[jax.Array, jax.Array, jax.Array]:

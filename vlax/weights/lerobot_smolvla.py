@@ -164,14 +164,15 @@ def _expert(tensors: dict[str, np.ndarray], depth: int, every: int) -> tuple[dic
     return flat, names
 
 
-def load_smolvla(path: str | Path, *, head: str = "flow_smolvla", rngs: nnx.Rngs | None = None
-                 ) -> tuple[SmolVLAPolicy, ObservationPipeline]:
+def load_smolvla(path: str | Path, *, head: str = "flow_smolvla", rngs: nnx.Rngs | None = None,
+                 vision_position_ids: str = "sequential") -> tuple[SmolVLAPolicy, ObservationPipeline]:
     """``(policy, pipeline)`` of the LeRobot SmolVLA policy directory ``path`` (see the module docstring).
 
     Every LeRobot tensor must land on a parameter and every parameter must get one (both are named otherwise).
     The pipeline normalizes the state with the checkpoint's statistics, pads it to ``max_state_dim``, tokenizes
     ``task + "\\n"`` with the VLM's tokenizer and unnormalizes actions. ``head`` other than ``flow_smolvla`` keeps
-    the VLM weights and builds a fresh head (``rngs``) for fine-tuning.
+    the VLM weights and builds a fresh head (``rngs``) for fine-tuning. ``vision_position_ids="bucketized"`` runs
+    the vision tower as transformers 4.57 did (LeRobot 0.4.x outputs); the default is transformers 5.x's.
     """
     path = Path(path)
     config = read_config(path)
@@ -181,6 +182,7 @@ def load_smolvla(path: str | Path, *, head: str = "flow_smolvla", rngs: nnx.Rngs
     vlm = vlm_dir(path, config)
     model = model_config(config, read_config(vlm))
     model["head"] = head
+    model["smolvla"]["vision_position_ids"] = vision_position_ids
     padded = {"state": model["state_dim"], "action": model["action_dim"]}
     lerobot = read_policy_dir(path, supported=("smolvla",), padded_dims=padded)
     cameras = tuple(camera_name(f) for f in lerobot.image_features)
