@@ -1,0 +1,64 @@
+"""π0 / π0.5 (``model.preset='pi0'`` / ``'pi05'``) trained on your own data; variants ``tiny``, ``tiny_pi05``,
+``published`` and ``published_pi05``.
+
+    python -m experiments.train --config=experiments/configs/pi0.py:tiny \\
+        --config.data.sources[0].path=/data/my_lerobot_ds --config.workdir=runs/pi0
+
+* ``tiny`` / ``tiny_pi05``: the sizes of the openpi reference fixtures (tests/fixtures/openpi): SigLIP 32 wide,
+  2 layers, patch 14 at 224 px (256 tokens per camera); Gemma 64 wide, 2 layers, 4 heads, 1 KV head, head size
+  16, vocabulary 1024; expert 32 wide; 8-dim actions, chunk 10. Runs on a CPU.
+* ``published`` / ``published_pi05``: openpi's stock sizes: SigLIP So400m/14 at 224, Gemma-2B (PaliGemma, vocabulary
+  257,152) with a Gemma-300M action expert, actions padded to 32, chunk 50, 10 Euler steps, bfloat16 compute.
+  Start from an openpi checkpoint with ``vlax.weights.openpi.load_openpi``.
+
+π0 embeds the state as a token of the expert's suffix (``model.state_input='head'``); π0.5 writes it, discretized
+into 256 bins, into the prompt (``model.prompt='pi05'``, ``state_input='none'``). ``model.head`` swaps the head
+(``chunk``, ``diffusion``, ...) while keeping the PaliGemma prefix.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments.configs import finetune
+
+VARIANTS = ("tiny", "tiny_pi05", "published", "published_pi05")
+
+TINY = dict(paligemma_variant="tiny", action_expert_variant="tiny_expert", vocab_size=1024,
+            vision=dict(variant="So400m/14", width=32, depth=2, mlp_dim=128, num_heads=2, image_size=224),
+            num_steps=10)
+PUBLISHED = dict(paligemma_variant="gemma_2b", action_expert_variant="gemma_300m", vocab_size=257_152,
+                 vision=dict(variant="So400m/14", image_size=224), num_steps=10)
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown pi0 variant {variant!r}; known: {list(VARIANTS)}")
+    pi05 = variant.endswith("pi05")
+    tiny = variant.startswith("tiny")
+    sizes = dict(TINY if tiny else PUBLISHED, pi05=pi05)
+    dims, horizon = (8, 10) if tiny else (32, 50)
+    c = finetune.get_config("tiny")
+    c.workdir = "runs/pi05" if pi05 else "runs/pi0"
+    c.data.image_size = 224
+    c.data.action_horizon = horizon
+    c.data.normalization = "bounds" if pi05 else "normal"  # openpi: quantiles for π0.5, mean/std for π0
+    c.data.max_state_dim = dims                            # openpi zero-pads state and actions
+    c.data.max_action_dim = dims
+    c.model.preset = "pi05" if pi05 else "pi0"
+    c.model.head = "flow_pi05" if pi05 else "flow"
+    c.model.head_kwargs = ml_collections.ConfigDict()
+    c.model.head_defaults = ml_collections.ConfigDict()
+    c.model.pi0 = ml_collections.ConfigDict(sizes)
+    c.model.state_dim = dims
+    c.model.action_dim = dims
+    c.model.state_input = "none" if pi05 else "head"
+    c.model.max_text_len = 16 if tiny else (200 if pi05 else 48)
+    c.model.prompt = "pi05" if pi05 else "pi0"
+    c.model.tokenizer = "byte"  # or PaliGemma's tokenizer.json
+    if not tiny:
+        c.data.batch_size = 32
+        c.model.dtype = "bfloat16"
+        c.optim.learning_rate = 2.5e-5
+        c.train.steps = 30_000
+    return c
