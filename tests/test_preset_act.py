@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 import lerobot_refs
 from vlax.build import build_policy
 from vlax.heads import ActionQueue, TemporalEnsembler
-from vlax.nn import count_params
+from vlax.nn import HeadContext, count_params
 from vlax.observation import ObservationPipeline
 from vlax.policy import PolicySpec
 from vlax.tokenizers import ByteTokenizer
@@ -60,8 +60,6 @@ def preprocessed_obs(inputs: dict, cameras) -> dict:
 
 def chunk_from_preprocessed(policy, obs: dict) -> np.ndarray:
     tokens, pos = policy.encode(obs, pixels_normalized=True)
-    from vlax.nn import HeadContext
-
     ctx = HeadContext(tokens=tokens, mask=jnp.ones(tokens.shape[:2], bool))
     return np.asarray(policy.head.predict(ctx, pos))
 

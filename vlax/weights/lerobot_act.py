@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from vlax.data.normalization import NormalizationArtifact
-from vlax.encoders.resnet import assign_frozen_stats, torchvision_rules
+from vlax.encoders.resnet import assign_frozen_stats, conv_kernel, torchvision_rules
 from vlax.policy import PolicySpec
 from vlax.presets.act import ACTPolicy, sequence_position_table
 from vlax.weights.common import CheckpointError, assign_params, linear_kernel, rename_tensors
@@ -30,12 +30,9 @@ SOURCE = r"model\."
 VAE_POSITION_TABLE = "model.vae_encoder_pos_enc"
 
 
-def _conv_kernel(w: np.ndarray) -> np.ndarray:
-    return np.transpose(w, (2, 3, 1, 0))
-
-
 def _linear(src: str, dst: str) -> list:
-    return [(SOURCE + src + r"\.weight", dst + ".kernel", linear_kernel), (SOURCE + src + r"\.bias", dst + ".bias", None)]
+    return [(SOURCE + src + r"\.weight", dst + ".kernel", linear_kernel),
+            (SOURCE + src + r"\.bias", dst + ".bias", None)]
 
 
 def _norm(src: str, dst: str) -> list:
@@ -56,7 +53,7 @@ def _layer_rules(src: str, dst: str, attention: Sequence[str], norms: Sequence[s
 def act_rules() -> list:
     """``(checkpoint regex, vlax path, transform)`` for every ACT state-dict entry (``in_proj`` split first)."""
     rules = torchvision_rules(SOURCE + r"backbone\.", "resnet.")
-    rules += [(SOURCE + r"encoder_img_feat_input_proj\.weight", "image_proj.kernel", _conv_kernel),
+    rules += [(SOURCE + r"encoder_img_feat_input_proj\.weight", "image_proj.kernel", conv_kernel),
               (SOURCE + r"encoder_img_feat_input_proj\.bias", "image_proj.bias", None),
               (SOURCE + r"encoder_1d_feature_pos_embed\.weight", "token_pos", None),
               (SOURCE + r"vae_encoder_cls_embed\.weight", "vae_cls", None),
@@ -111,7 +108,8 @@ def act_settings_from_config(config: Mapping) -> dict:
     if config.get("feedforward_activation", "relu") != "relu":
         raise CheckpointError(f"ACT feedforward_activation={config['feedforward_activation']!r} is not supported; "
                               "only 'relu' is")
-    if config.get("env_state_feature") or any(v.get("type") == "ENV" for v in config.get("input_features", {}).values()):
+    features = config.get("input_features", {}).values()
+    if config.get("env_state_feature") or any(v.get("type") == "ENV" for v in features):
         raise CheckpointError("ACT with an environment-state feature is not supported; only images + robot state")
     return dict(dim_model=int(config["dim_model"]), n_heads=int(config["n_heads"]),
                 dim_feedforward=int(config["dim_feedforward"]), n_encoder_layers=int(config["n_encoder_layers"]),
