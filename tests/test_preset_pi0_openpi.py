@@ -46,37 +46,6 @@ def _obs(ref: dict) -> dict:
             "text_mask": ref["obs/tokenized_prompt_mask"]}
 
 
-@pytest.fixture(scope="module", params=MODELS)
-def loaded(request):
-    name = request.param
-    ref = dict(np.load(FIXTURES / name / "reference.npz"))
-    policy, sizes = load_openpi(FIXTURES / name / "params", {}, _spec(name))
-    return name, ref, policy
-
-
-def _close(got, want, what: str, tol: float = TOL, where=None) -> None:
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} vs openpi {want.shape}"
-    diff = np.abs(got - want) if where is None else np.abs(got - want)[where]
-    assert diff.max() <= tol, f"{what}: max |vlax - openpi| = {diff.max():.3g} > {tol}"
-
-
-def test_prefix_matches_openpi_layer_by_layer(loaded):
-    name, ref, policy = loaded
-    obs = _obs(ref)
-    tokens, _ = policy.embed_images(obs)
-    for camera, got in zip(CAMERAS, tokens):
-        _close(got, ref[I32 + f"img_tokens/{camera}"], f"{name} SigLIP tokens of {camera}")
-    embeds, mask, ar = policy.embed_prefix(obs)
-    _close(embeds, ref[I32 + "prefix_tokens"], f"{name} prefix tokens")
-    np.testing.assert_array_equal(np.asarray(mask), ref[I32 + "prefix_mask"])
-    assert not ref[I32 + "prefix_mask"][1, 512:768].any(), "the fixture masks the right wrist camera in example 2"
-    np.testing.assert_array_equal(np.asarray(ar, bool), ref[I32 + "prefix_ar_mask"])
-    ctx = policy.context(obs)
-    # rows of masked prefix tokens attend to nothing in openpi: unconstrained, compared under the mask
-    _close(ctx.tokens, ref[I32 + "prefix_out"], f"{name} prefix output", where=ref[I32 + "prefix_mask"])
-
-
 def _suffix(policy: Pi0Policy, ctx, x_t, t):
     """openpi's embed_suffix through the head's own modules: ``(tokens, cond, mask, ar)``."""
     head = policy.head
@@ -92,35 +61,77 @@ def _suffix(policy: Pi0Policy, ctx, x_t, t):
     return tokens, cond, jnp.ones(tokens.shape[:2], bool), jnp.asarray(head._suffix_ar())
 
 
-def test_loss_and_its_intermediates_match_openpi(loaded):
-    name, ref, policy = loaded
-    obs = _obs(ref)
+@nnx.jit
+def _run(policy: Pi0Policy, obs: dict, actions, noise, time, sample_noise) -> dict:
+    """Everything the tests compare, in one compiled call (eager SigLIP over three 224 px cameras is slow)."""
+    out = {}
+    images, _ = policy.embed_images(obs)
+    out.update({f"img_tokens/{c}": x for c, x in zip(CAMERAS, images)})
+    out["prefix_tokens"], out["prefix_mask"], out["prefix_ar_mask"] = policy.embed_prefix(obs)
     ctx = policy.context(obs)
-    noise, t = jnp.asarray(ref["loss_noise"]), jnp.asarray(ref["loss_time"])
-    x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * ref["actions"]
-    _close(x_t, ref[I32 + "x_t"], f"{name} x_t")
-    tokens, cond, mask, ar = _suffix(policy, ctx, x_t, t)
-    _close(tokens, ref[I32 + "suffix_tokens"], f"{name} suffix tokens")
-    np.testing.assert_array_equal(np.asarray(ar, bool), ref[I32 + "suffix_ar_mask"])
-    np.testing.assert_array_equal(np.asarray(mask), ref[I32 + "suffix_mask"])
+    out["prefix_out"] = ctx.tokens
+    x_t = time[:, None, None] * noise + (1 - time[:, None, None]) * actions
+    out["x_t"] = x_t
+    tokens, cond, mask, ar = _suffix(policy, ctx, x_t, time)
+    out["suffix_tokens"], out["suffix_mask"], out["suffix_ar_mask"] = tokens, mask, ar
     if cond is not None:
-        _close(cond, ref[I32 + "adarms_cond"], f"{name} adaRMS conditioning")
+        out["adarms_cond"] = cond
     # the joint attention mask and positions openpi builds over [prefix | suffix]
     full_mask = jnp.concatenate([ctx.mask, mask], 1)
     full_ar = jnp.concatenate([jnp.zeros(ctx.mask.shape[1], jnp.int32), ar])
-    np.testing.assert_array_equal(np.asarray(make_attn_mask(full_mask, full_ar)), ref[I32 + "attn_mask"])
-    np.testing.assert_array_equal(np.asarray(positions_from_mask(full_mask)), ref[I32 + "positions"])
-    out = policy.head.expert(tokens, policy.head.expert.prepare(ctx.cache), mask, ar, cond)
-    _close(out, ref[I32 + "suffix_out"], f"{name} suffix output")
-    v_t = policy.head.velocity(policy.head.expert.prepare(ctx.cache), ctx.state, x_t, t)
-    _close(v_t, ref[I32 + "v_t"], f"{name} v_t")
-    _close(policy.flow_loss(obs, ref["actions"], noise, t), ref["float32/loss"], f"{name} compute_loss")
+    out["attn_mask"], out["positions"] = make_attn_mask(full_mask, full_ar), positions_from_mask(full_mask)
+    prefix = policy.head.expert.prepare(ctx.cache)
+    out["suffix_out"] = policy.head.expert(tokens, prefix, mask, ar, cond)
+    out["v_t"] = policy.head.velocity(prefix, ctx.state, x_t, time)
+    out["loss"] = policy.flow_loss(obs, actions, noise, time)
+    out["sample_actions"] = policy.sample(obs, rngs=jax.random.key(0), noise=sample_noise)
+    return out
+
+
+def _outputs(name: str, model: dict) -> tuple[dict, dict, Pi0Policy]:
+    ref = dict(np.load(FIXTURES / name / "reference.npz"))
+    policy, _ = load_openpi(FIXTURES / name / "params", model, _spec(name))
+    got = _run(policy, _obs(ref), jnp.asarray(ref["actions"]), jnp.asarray(ref["loss_noise"]),
+               jnp.asarray(ref["loss_time"]), jnp.asarray(ref["sample_noise"]))
+    return ref, jax.tree.map(np.asarray, got), policy
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def loaded(request):
+    return (request.param, *_outputs(request.param, {}))
+
+
+def _close(got, want, what: str, tol: float = TOL, where=None) -> None:
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} vs openpi {want.shape}"
+    diff = np.abs(got - want) if where is None else np.abs(got - want)[where]
+    assert diff.max() <= tol, f"{what}: max |vlax - openpi| = {diff.max():.3g} > {tol}"
+
+
+def test_prefix_matches_openpi_layer_by_layer(loaded):
+    name, ref, got, _ = loaded
+    for camera in CAMERAS:
+        _close(got[f"img_tokens/{camera}"], ref[I32 + f"img_tokens/{camera}"], f"{name} SigLIP tokens of {camera}")
+    _close(got["prefix_tokens"], ref[I32 + "prefix_tokens"], f"{name} prefix tokens")
+    np.testing.assert_array_equal(got["prefix_mask"], ref[I32 + "prefix_mask"])
+    assert not ref[I32 + "prefix_mask"][1, 512:768].any(), "the fixture masks the right wrist camera in example 2"
+    np.testing.assert_array_equal(got["prefix_ar_mask"].astype(bool), ref[I32 + "prefix_ar_mask"])
+    # rows of masked prefix tokens attend to nothing in openpi: unconstrained, compared under the mask
+    _close(got["prefix_out"], ref[I32 + "prefix_out"], f"{name} prefix output", where=ref[I32 + "prefix_mask"])
+
+
+def test_loss_and_its_intermediates_match_openpi(loaded):
+    name, ref, got, _ = loaded
+    for key in ("x_t", "suffix_tokens", "suffix_out", "v_t", "loss") + (("adarms_cond",) if "pi05" in name else ()):
+        _close(got[key], ref[I32 + key], f"{name} {key}")
+    for key in ("suffix_mask", "suffix_ar_mask", "attn_mask", "positions"):
+        np.testing.assert_array_equal(got[key].astype(ref[I32 + key].dtype), ref[I32 + key], err_msg=f"{name} {key}")
+    _close(got["loss"], ref["float32/loss"], f"{name} compute_loss")
 
 
 def test_sample_actions_match_openpi(loaded):
-    name, ref, policy = loaded
-    got = policy.sample(_obs(ref), rngs=jax.random.key(0), noise=ref["sample_noise"])
-    _close(got, ref["float32/sample_actions"], f"{name} sample_actions (10 Euler steps)")
+    name, ref, got, _ = loaded
+    _close(got["sample_actions"], ref["float32/sample_actions"], f"{name} sample_actions (10 Euler steps)")
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -128,14 +139,10 @@ def test_bfloat16_within_openpi_own_spread(name):
     # openpi's README: the same checkpoint under two jax versions differs by up to 0.02 in bfloat16, and its own
     # float32 and bfloat16 outputs here differ by 0.019 (loss) / 0.013 (actions); vlax's bfloat16 (measured 0.013
     # / 0.010) must stay inside that spread.
-    ref = dict(np.load(FIXTURES / name / "reference.npz"))
-    policy, _ = load_openpi(FIXTURES / name / "params", {"dtype": "bfloat16"}, _spec(name))
-    obs = _obs(ref)
-    assert policy.context(obs).tokens.dtype == jnp.bfloat16
-    loss = policy.flow_loss(obs, ref["actions"], ref["loss_noise"], ref["loss_time"])
-    _close(loss, ref["bfloat16/loss"], f"{name} bfloat16 loss", tol=0.02)
-    got = policy.sample(obs, rngs=jax.random.key(0), noise=ref["sample_noise"])
-    _close(got, ref["bfloat16/sample_actions"], f"{name} bfloat16 sample_actions", tol=0.02)
+    ref, got, _ = _outputs(name, {"dtype": "bfloat16"})
+    assert got["prefix_out"].dtype == jnp.bfloat16
+    _close(got["loss"], ref["bfloat16/loss"], f"{name} bfloat16 loss", tol=0.02)
+    _close(got["sample_actions"], ref["bfloat16/sample_actions"], f"{name} bfloat16 sample_actions", tol=0.02)
 
 
 def test_variant_and_sizes_come_from_the_keys():
@@ -257,7 +264,7 @@ def test_head_swap_keeps_the_paligemma_prefix():
     obs = {"images": {"base_0_rgb": rs.randint(0, 255, (2, 224, 224, 3), np.uint8)},
            "state": rs.normal(size=(2, 8)).astype(np.float32),
            "text_ids": rs.randint(0, 1024, (2, 16)).astype(np.int32), "text_mask": np.ones((2, 16), bool)}
-    actions = policy.sample(obs, rngs=jax.random.key(0))
+    actions, loss = nnx.jit(lambda p, o: (p.sample(o, rngs=jax.random.key(0)), p.loss(
+        o, jnp.zeros((2, spec.horizon, spec.action_dim)), rngs=jax.random.key(1))[0]))(policy, obs)
     assert actions.shape == (2, spec.horizon, spec.action_dim) and np.isfinite(np.asarray(actions)).all()
-    loss, _ = policy.loss(obs, jnp.zeros((2, spec.horizon, spec.action_dim)), rngs=jax.random.key(1))
     assert np.isfinite(float(loss))
