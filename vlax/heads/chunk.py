@@ -308,8 +308,8 @@ class ACTDecoderHead(ActionHead):
     """ACT's decoder as a head: ``horizon`` zero queries with learned positions attend to the context tokens.
 
     The context tokens are ACT's encoder output; ``memory_pos [B or 1, N, D]`` (the positions the encoder used)
-    is added to the cross-attention keys when given. Loss: L1 over real entries (the CVAE's KL term belongs to
-    the encoder, which the ACT preset runs).
+    is added to the cross-attention keys when given. Loss: LeRobot's L1 (see :meth:`loss`; the CVAE's KL term
+    belongs to the encoder, which the ACT preset runs).
     """
 
     def __init__(self, action_dim: int, horizon: int, context: ContextSpec | int, *, depth: int = 1,
@@ -340,13 +340,14 @@ class ACTDecoderHead(ActionHead):
     def loss(self, ctx: HeadContext, actions: jax.Array, *, action_mask: jax.Array | None = None,
              rngs: RngLike | None = None, train: bool = True, lm=None, memory_pos: jax.Array | None = None
              ) -> tuple[jax.Array, dict]:
-        """Mean L1 over real entries."""
+        """L1 as LeRobot's ACT computes it: ``|pred - a|`` zeroed on padded entries, averaged over all ``B*H*A``
+        entries (padded ones count in the denominator, so a padded batch weighs less than with a masked mean)."""
         actions, mask = self.prepare_actions(actions, action_mask)
         key = split_rngs(rngs)[1] if rngs is not None else None
         if train and self.rate > 0 and key is None:
             raise ValueError("training with dropout needs rngs")
         pred = self.predict(ctx, memory_pos, key=key, train=train)
-        l1 = masked_mean(jnp.abs(pred - actions), mask)
+        l1 = jnp.mean(jnp.abs(pred - actions) * mask)
         return l1, {"loss": l1, "l1": l1}
 
     def sample(self, ctx: HeadContext, *, rngs: RngLike | None = None, num_steps: int | None = None,
