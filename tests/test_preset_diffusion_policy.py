@@ -27,6 +27,7 @@ import lerobot_refs
 from vlax.build import build_policy, policy_spec
 from vlax.nn import ContextSpec, HeadContext, count_params
 from vlax.observation import ObservationPipeline
+from vlax.policy import PolicySpec
 from vlax.tokenizers import ByteTokenizer
 from vlax.weights.common import CheckpointError
 from vlax.weights.lerobot_diffusion import load_lerobot_diffusion
@@ -243,3 +244,38 @@ def test_tiny_preset_trains_on_the_lerobot_fixture_then_acts(tmp_path):
            "state": rng.normal(size=(1, 2, 4)).astype(np.float32), "prompt": ["pick up the red cube"]}
     actions = runner.infer(raw, rng=jax.random.key(0))
     assert actions.shape == (1, 8, 4) and np.all(np.isfinite(actions))
+
+
+def test_observation_history_windows_pad_episode_starts_by_repeating_the_first_frame():
+    """data.obs_history: the data pipeline's window of the last T observations (LeRobot's padding at episode
+    starts: the first frame repeated) reaches the model as images [B, T, h, w, 3] and state [B, T, S], with the
+    action chunk from the oldest step; obs_history=1 keeps the single-observation batch."""
+    import dataclasses
+
+    from vlax.data import DataConfig, build_pipeline
+    from vlax.data.source_config import open_source
+
+    source = open_source({"kind": "auto", "path": str(Path(__file__).parent / "fixtures" / "lerobot_ds"),
+                          "cameras": (("observation.images.top", "top"), ("observation.images.wrist", "wrist"))})
+    config = DataConfig(batch_size=60, window=2, action_horizon=4, image_size=32, normalization="min_max",
+                        train=False, drop_remainder=False)
+    batch = next(iter(build_pipeline([source], config)))  # the whole fixture, episodes in order
+    spec = PolicySpec(cameras=("top", "wrist"), image_size=32, state_dim=4, action_dim=4, horizon=4,
+                      max_text_len=8, state_input="head", obs_history=2)
+    artifact = next(iter(build_pipeline([source], config).artifacts.values()))
+    pipeline = ObservationPipeline(spec, ByteTokenizer(), {"lerobot_ds": artifact})
+    out = pipeline.from_batch(batch)
+    images, state = out["obs"]["images"]["top"], out["obs"]["state"]
+    assert images.shape == (60, 2, 32, 32, 3) and state.shape == (60, 2, 4) and out["actions"].shape == (60, 4, 4)
+    starts = ~np.asarray(batch["observation"]["timestep_pad_mask"])[:, 0]
+    assert starts.sum() == 3  # three episodes
+    np.testing.assert_array_equal(images[starts, 0], images[starts, 1])
+    np.testing.assert_array_equal(state[starts, 0], state[starts, 1])
+    inner = np.flatnonzero(~starts)
+    np.testing.assert_array_equal(state[inner, 0], state[inner - 1, 1])  # the step before, inside the episode
+    np.testing.assert_array_equal(images[inner, 0], images[inner - 1, 1])
+    np.testing.assert_array_equal(out["actions"], batch["action"][:, 0])  # the chunk from the oldest step
+    # One observation step: the last window step, as before the option existed.
+    single = dataclasses.replace(pipeline, spec=dataclasses.replace(spec, obs_history=1)).from_batch(batch)
+    np.testing.assert_array_equal(single["obs"]["images"]["top"], batch["observation"]["image_top"][:, -1])
+    np.testing.assert_array_equal(single["actions"], batch["action"][:, -1])
