@@ -216,6 +216,11 @@ def test_training_loss_adds_the_kl_of_the_vae_posterior(imported, reference):
     a, _ = policy.loss(obs, actions, action_mask=mask, rngs=jax.random.key(0))
     b, _ = policy.loss(obs, actions.at[:, 6:].set(5.0), action_mask=mask, rngs=jax.random.key(0))
     np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+    # LeRobot's L1: padded entries zeroed, the mean taken over all B * H * A entries
+    masked_eval, _ = policy.loss(obs, actions, action_mask=mask, rngs=jax.random.key(0), train=False)
+    pred = np.asarray(policy.sample(obs))
+    expected = (np.abs(pred - outputs["chunk_zero_images"]) * np.asarray(mask)).mean()
+    np.testing.assert_allclose(float(masked_eval), expected, rtol=1e-5)
 
 
 def test_tiny_act_trains_on_the_lerobot_fixture(tmp_path):
