@@ -283,9 +283,13 @@ def test_missing_processor_files_and_weights_are_named(policy_dir, tmp_path):
         load_lerobot_act(bad)
 
 
-def test_a_camera_the_data_lacks_is_named(policy_dir):
+def test_a_camera_the_data_lacks_is_named(policy_dir, tmp_path):
     with pytest.raises(CheckpointError, match=r"camera\(s\) \['wrist'\].*camera_map"):
         load_lerobot_act(policy_dir, data_cameras=["top", "side"])
+    # named before any weight is read: a directory without weights gives the same error
+    (tmp_path / "config.json").write_bytes((policy_dir / "config.json").read_bytes())
+    with pytest.raises(CheckpointError, match=r"camera\(s\) \['wrist'\]"):
+        load_lerobot_act(tmp_path, data_cameras=["top", "side"])
     policy, _ = load_lerobot_act(policy_dir, camera_map={"observation.images.wrist": "side"},
                                  data_cameras=["top", "side"])
     assert policy.spec.cameras == ("top", "side")

@@ -20,8 +20,9 @@ from vlax.data.normalization import NormalizationArtifact
 from vlax.encoders.resnet import assign_frozen_stats, conv_kernel, torchvision_rules
 from vlax.policy import PolicySpec
 from vlax.presets.act import ACTPolicy, sequence_position_table
-from vlax.weights.common import CheckpointError, assign_params, linear_kernel, rename_tensors
-from vlax.weights.lerobot_policy import LeRobotPolicy, camera_name, feature_dim, read_policy_dir
+from vlax.weights.common import CheckpointError, assign_params, linear_kernel, read_config, rename_tensors
+from vlax.weights.lerobot_policy import (LeRobotPolicy, camera_name, check_policy_type, feature_dim,
+                                         image_features, read_policy_dir)
 
 SUPPORTED_TYPES = ("act",)
 BACKBONES = {"resnet18": 18, "resnet34": 34}
@@ -133,23 +134,11 @@ def spec_from_config(config: Mapping, cameras: Sequence[str]) -> PolicySpec:
                       max_text_len=1, state_input="head")
 
 
-def load_lerobot_act(path: str | Path, *, camera_map: Mapping[str, str] | None = None,
-                     data_cameras: Sequence[str] | None = None) -> tuple[ACTPolicy, NormalizationArtifact]:
-    """``(policy, normalization)`` from a LeRobot ACT directory.
-
-    ``camera_map`` renames LeRobot image features (``observation.images.top``) to vlax camera names (default:
-    the feature without its prefix). ``data_cameras``, if given, are the cameras the data provides: a policy
-    camera they lack is an error before any weight is read.
-    """
-    policy_dir = read_policy_dir(path, supported=SUPPORTED_TYPES)
-    return import_act(policy_dir, camera_map=camera_map, data_cameras=data_cameras)
-
-
-def import_act(lerobot: LeRobotPolicy, *, camera_map: Mapping[str, str] | None = None,
-               data_cameras: Sequence[str] | None = None) -> tuple[ACTPolicy, NormalizationArtifact]:
-    """:func:`load_lerobot_act` from an already read directory."""
-    config = lerobot.config
-    features = lerobot.image_features
+def policy_cameras(config: Mapping, camera_map: Mapping[str, str] | None = None,
+                   data_cameras: Sequence[str] | None = None) -> list[str]:
+    """vlax camera names of a LeRobot config's image features (``camera_map`` renames; the default drops the
+    ``observation.images.`` prefix); a name ``camera_map`` or ``data_cameras`` cannot satisfy is an error."""
+    features = image_features(config)
     camera_map = dict(camera_map or {})
     unknown = sorted(set(camera_map) - set(features))
     if unknown:
@@ -161,6 +150,31 @@ def import_act(lerobot: LeRobotPolicy, *, camera_map: Mapping[str, str] | None =
         if lacking:
             raise CheckpointError(f"the policy reads camera(s) {lacking} the data does not have (data cameras: "
                                   f"{sorted(data_cameras)}); map them with camera_map={{feature: data camera}}")
+    return cameras
+
+
+def load_lerobot_act(path: str | Path, *, camera_map: Mapping[str, str] | None = None,
+                     data_cameras: Sequence[str] | None = None) -> tuple[ACTPolicy, NormalizationArtifact]:
+    """``(policy, normalization)`` from a LeRobot ACT directory.
+
+    ``camera_map`` renames LeRobot image features (``observation.images.top``) to vlax camera names (default:
+    the feature without its prefix). ``data_cameras``, if given, are the cameras the data provides: a policy
+    camera they lack is an error before any weight is read.
+    """
+    config = read_config(path)
+    check_policy_type(config, SUPPORTED_TYPES, path)
+    policy_cameras(config, camera_map, data_cameras)  # the cheap checks first
+    act_settings_from_config(config)
+    policy_dir = read_policy_dir(path, supported=SUPPORTED_TYPES)
+    return import_act(policy_dir, camera_map=camera_map, data_cameras=data_cameras)
+
+
+def import_act(lerobot: LeRobotPolicy, *, camera_map: Mapping[str, str] | None = None,
+               data_cameras: Sequence[str] | None = None) -> tuple[ACTPolicy, NormalizationArtifact]:
+    """:func:`load_lerobot_act` from an already read directory."""
+    config = lerobot.config
+    features = lerobot.image_features
+    cameras = policy_cameras(config, camera_map, data_cameras)
     spec = spec_from_config(config, cameras)
     settings = act_settings_from_config(config)
     pixel_stats = {camera: lerobot.pixel_stats.get(feature) for feature, camera in zip(features, cameras)}
