@@ -90,6 +90,9 @@ def test_preprocessed_inputs_reproduce_lerobot(imported, reference):
 def test_raw_inputs_through_the_observation_pipeline(imported, reference):
     inputs, outputs, _ = reference
     policy, artifact = imported
+    assert artifact.type == "normal" and set(artifact.keys) == {"state", "action"}  # MEAN_STD for both
+    # the VISUAL MEAN_STD statistics sit in the preset's image path, one pair per camera
+    assert [s is not None for s in policy.pixel_stats] == [True, True]
     pipeline = ObservationPipeline(policy.spec, ByteTokenizer(), {"lerobot": artifact})
     images = {}
     for camera in policy.spec.cameras:
