@@ -192,13 +192,17 @@ def test_tiny_config_builds_the_fixture_layout(imported):
 
 @pytest.mark.parametrize("head", ["chunk"])
 def test_head_swaps_on_the_observation_encoder(head):
-    c, spec = spec_only("tiny", ("top",), 4, 4)
+    from experiments.configs import diffusion_policy
+
+    c = diffusion_policy.get_config("tiny")
+    c.data.image_size = 32  # a small ResNet at 32 px: this checks wiring and shapes, not the layout
+    spec = policy_spec(c, cameras=("top",), state_dim=4, action_dim=4)
     c.model.head = head
-    c.model.diffusion_policy.encoder.resnet = {"depth": 18, "widths": (16, 16, 16, 16)}
+    c.model.diffusion_policy.encoder.resnet = {"depths": (1, 1, 1, 1), "widths": (16, 16, 16, 16)}
     policy = build_policy(c.model, spec, 0, nnx.Rngs(0))
     assert type(policy.head).__name__ == "ChunkHead"
     rng = np.random.default_rng(0)
-    obs = {"images": {"top": rng.integers(0, 256, (2, 2, 64, 64, 3), np.uint8)},
+    obs = {"images": {"top": rng.integers(0, 256, (2, 2, 32, 32, 3), np.uint8)},
            "state": rng.normal(size=(2, 2, 4)).astype(np.float32)}
     actions = nnx.jit(lambda p, o: p.sample(o, rngs=jax.random.key(0)))(policy, obs)
     assert actions.shape == (2, spec.horizon, 4) and np.all(np.isfinite(np.asarray(actions)))
