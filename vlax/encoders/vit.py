@@ -69,6 +69,8 @@ class ViTConfig:
     image_size: int = 224
     num_channels: int = 3
     class_token: bool = False
+    # timm's DINOv2-reg (no_embed_class, OpenVLA's tower): the position table covers the patches only
+    class_token_position: bool = True
     num_registers: int = 0
     mask_token: bool = False
     layer_scale: float | None = None  # LayerScale init value; None: no LayerScale
@@ -167,7 +169,7 @@ class Embeddings(nnx.Module):
         self.cfg = cfg
         self.patch_embedding = PatchEmbedding(cfg.patch_size, cfg.num_channels, d, dtype=_dtype(cfg.dtype),
                                               param_dtype=pdt, rngs=rngs)
-        num_positions = cfg.grid_size ** 2 + int(cfg.class_token)
+        num_positions = cfg.grid_size ** 2 + self.num_class_positions
         std = nnx.initializers.normal(stddev=d ** -0.5)
         self.position_embedding = param(rngs, std, (num_positions, d), (None, "embed"), pdt)
         small = nnx.initializers.truncated_normal(stddev=0.02)
@@ -175,6 +177,11 @@ class Embeddings(nnx.Module):
         self.register_tokens = (param(rngs, nnx.initializers.zeros, (cfg.num_registers, d), (None, "embed"), pdt)
                                 if cfg.num_registers else None)
         self.mask_token = param(rngs, nnx.initializers.zeros, (1, d), (None, "embed"), pdt) if cfg.mask_token else None
+
+    @property
+    def num_class_positions(self) -> int:
+        """Rows of the position table ahead of the patch grid (1 for a class token that has a position)."""
+        return int(self.cfg.class_token and self.cfg.class_token_position)
 
     def __call__(self, pixels: jax.Array, masked_patches: jax.Array | None = None) -> jax.Array:
         """``pixels [B, H, W, C]`` -> tokens ``[B, P + N, D]`` (class token, registers, then patches).
@@ -190,13 +197,15 @@ class Embeddings(nnx.Module):
                 raise ValueError("masked_patches needs a mask token: build the ViT with mask_token=True")
             x = jnp.where(masked_patches[..., None], self.mask_token[...].astype(x.dtype), x)
         pos = self.position_embedding[...]
-        cls_pos, patch_pos = pos[: int(cfg.class_token)], pos[int(cfg.class_token):]
+        n_cls = self.num_class_positions
+        cls_pos, patch_pos = pos[:n_cls], pos[n_cls:]
         g = cfg.grid_size
         patch_pos = resize_grid(patch_pos.reshape(g, g, d), (gh, gw), antialias=cfg.pos_antialias)
         x = x + patch_pos.reshape(1, gh * gw, d).astype(x.dtype)
         parts = []
         if self.cls_token is not None:
-            parts.append(jnp.broadcast_to((self.cls_token[...] + cls_pos).astype(x.dtype), (b, 1, d)))
+            cls = self.cls_token[...] + cls_pos if n_cls else self.cls_token[...]
+            parts.append(jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)))
         if self.register_tokens is not None:
             parts.append(jnp.broadcast_to(self.register_tokens[...].astype(x.dtype), (b, cfg.num_registers, d)))
         return jnp.concatenate([*parts, x], axis=1) if parts else x

@@ -244,7 +244,7 @@ class BinnedHead(ActionHead):
     def _restrict(self, logits: jax.Array) -> jax.Array:
         """Logits of the action ids only, reordered by class (class c is id ``vocab - 1 - c``)."""
         vocab = self.tokenizer.vocab_size
-        return logits[..., vocab - self.n_bins:][..., ::-1]
+        return logits[..., vocab - self.n_bins:vocab][..., ::-1]  # an LM head may be padded past vocab
 
     # ---- contract -----------------------------------------------------------------------------------------------
     def loss(self, ctx: HeadContext, actions: jax.Array, *, action_mask: jax.Array | None = None,

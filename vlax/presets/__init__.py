@@ -25,6 +25,7 @@ PresetBuilder = Callable[..., Any]
 PRESET_MODULES: dict[str, str] = {
     "act": "act",
     "diffusion_policy": "diffusion_policy",
+    "openvla": "openvla",
     "pi0": "pi0",
     "pi05": "pi0",
     "smolvla": "smolvla",

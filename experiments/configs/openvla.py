@@ -1,0 +1,61 @@
+"""OpenVLA (``model.preset='openvla'``) trained on your own data; variants ``tiny``, ``tiny_oft`` and ``openvla_7b``.
+
+    python -m experiments.train --config=experiments/configs/openvla.py:tiny \\
+        --config.data.sources[0].path=/data/my_lerobot_ds --config.workdir=runs/openvla
+
+* ``tiny``: the sizes of the tiny OpenVLA reference checkpoint (tests/fixtures/openvla): DINOv2-reg4 64 wide and
+  SigLIP 48 wide (3 blocks each, 4 heads, patch 14 at 224 px), Llama 64 wide, 2 layers, 4 heads, 2 KV heads, the
+  real 32064-id vocabulary. Runs on a CPU.
+* ``openvla_7b``: ``openvla/openvla-7b``: DINOv2-L/14-reg4 + SigLIP So400m/14 at 224 px, the fused-gelu-mlp
+  projector, Llama-2-7B (vocabulary padded to 32064). Start from the checkpoint with
+  ``vlax.weights.openvla.load_openvla``.
+
+``model.head`` swaps the action head (``binned_lm``: OpenVLA's 7 greedy action tokens; ``flow``, ``chunk``, ...).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments.configs import finetune
+
+TINY = dict(
+    dino=dict(width=64, depth=3, num_heads=4, mlp_ratio=4.0),
+    siglip=dict(width=48, depth=3, num_heads=4, mlp_ratio=3.7362),
+    text=dict(vocab_size=32064, width=64, depth=2, mlp_dim=176, num_heads=4, num_kv_heads=2, norm_eps=1e-5),
+    image_size=224, n_bins=256, action_vocab_size=32000)
+
+OPENVLA_7B = dict(
+    dino=dict(width=1024, depth=24, num_heads=16, mlp_ratio=4.0),
+    siglip=dict(width=1152, depth=27, num_heads=16, mlp_ratio=3.7362),
+    text=dict(vocab_size=32064, width=4096, depth=32, mlp_dim=11008, num_heads=32, num_kv_heads=32, norm_eps=1e-5),
+    image_size=224, n_bins=256, action_vocab_size=32000)
+
+VARIANTS = ("tiny", "openvla_7b")
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown openvla variant {variant!r}; known: {list(VARIANTS)}")
+    sizes = dict(TINY if variant == "tiny" else OPENVLA_7B)
+    c = finetune.get_config("tiny")
+    c.workdir = "runs/openvla"
+    c.data.image_size = sizes["image_size"]
+    c.data.action_horizon = 1                      # OpenVLA predicts one 7-D action per step
+    c.data.normalization = "bounds"                # q01 / q99 -> [-1, 1], the gripper left as is
+    c.model.preset = "openvla"
+    c.model.head = "binned_lm"
+    c.model.head_kwargs = ml_collections.ConfigDict()
+    c.model.head_defaults = ml_collections.ConfigDict()
+    c.model.openvla = ml_collections.ConfigDict(sizes)
+    c.model.action_dim = 7 if variant == "openvla_7b" else 0  # 0: the data's action dim
+    c.model.state_dim = 0                          # the policy reads no state
+    c.model.max_text_len = 32
+    c.model.prompt = "In: What action should the robot take to {instruction}?\nOut:"
+    c.model.tokenizer = "byte"                     # or a checkpoint directory's tokenizer.json
+    if variant == "openvla_7b":
+        c.data.batch_size = 16
+        c.model.dtype = "bfloat16"
+        c.optim.learning_rate = 2e-5
+        c.train.steps = 20000
+    return c

@@ -1,0 +1,227 @@
+"""OpenVLA (Prismatic ``dinosiglip-vit-so-224px`` + Llama-2): RT-2 style action tokens decoded through the LM.
+
+Composition (every piece is a shared vlax module)::
+
+    image [B, 224, 224, 3] -> DINOv2-L/14 (4 registers) and SigLIP So400m/14, each normalised its own way,
+                              patch tokens of each tower's second-to-last block concatenated  [B, 256, D_dino + D_sig]
+    projector (fused-gelu-mlp): fc1 (4 x fused width) -> GELU -> fc2 -> GELU -> fc3           [B, 256, D]
+    sequence = [<s>, 256 patch embeddings, remaining prompt tokens], causal, Llama-2 -> KV cache
+    head (model.head, default binned_lm): 7 action tokens decoded greedily with the KV cache; action bin k is token
+    id ``base_vocab - 1 - k`` (the last 256 ids of the 32000-id Llama-2 vocabulary, not of the padded 32064).
+
+``obs``: ``images {camera: [B, H, W, 3]}`` (uint8 or [0, 1] floats, already at the tower size) or
+``pixels {"dino": [B, H, W, 3], "siglip": [B, H, W, 3]}`` (already normalised, e.g. from an image processor),
+``text_ids [B, L]`` (the tokenised prompt starting with ``<s>``; OpenVLA's trailing id 29871 is appended here
+unless already there) and
+``text_mask [B, L]`` (right padding only). Actions are in [-1, 1] (q01/q99-normalised; see
+:func:`vlax.weights.openvla.action_normalization`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlax.backbones import Transformer
+from vlax.backbones.config import TransformerConfig
+from vlax.encoders.fused import FusedEncoder
+from vlax.encoders.preprocess import IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD
+from vlax.encoders.vit import ViT, ViTConfig
+from vlax.heads import get_head
+from vlax.nn import Dense, HeadContext
+from vlax.policy import PolicySpec, head_context_spec
+from vlax.presets import register
+
+# OpenVLA's prompt (prismatic PurePromptBuilder for "llama2-7b-pure" as used by predict_action).
+PROMPT_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut:"
+# predict_action appends Llama-2's lone "▁" (id 29871) when the prompt does not already end with it.
+TRAILING_TOKEN_ID = 29871
+
+
+def openvla_prompt(instruction: str) -> str:
+    """The text OpenVLA tokenises for ``instruction`` (its training data lower-cases instructions; predict_action
+    takes the prompt as given)."""
+    return PROMPT_TEMPLATE.format(instruction=instruction)
+
+
+def append_trailing_token(ids: jax.Array, mask: jax.Array, token: int = TRAILING_TOKEN_ID
+                          ) -> tuple[jax.Array, jax.Array]:
+    """``ids, mask [B, L]`` (right padded) -> ``[B, L + 1]`` with ``token`` after the last real id of every row
+    that does not already end with it, as OpenVLA's predict_action does before generating."""
+    b, length = ids.shape
+    n = jnp.sum(mask, axis=1).astype(jnp.int32)  # real ids per row
+    last = jnp.take_along_axis(ids, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
+    add = (last != token) & (n > 0)
+    ids = jnp.concatenate([ids, jnp.zeros((b, 1), ids.dtype)], axis=1)
+    mask = jnp.concatenate([mask, jnp.zeros((b, 1), bool)], axis=1)
+    at = jnp.arange(length + 1)[None, :] == n[:, None]
+    return jnp.where(at & add[:, None], token, ids), mask | (at & add[:, None])
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenVLASizes:
+    """Everything that shapes an :class:`OpenVLAPolicy` (read from ``model.openvla``)."""
+
+    dino: ViTConfig
+    siglip: ViTConfig
+    text: TransformerConfig
+    n_bins: int = 256
+    action_vocab_size: int = 32000  # ids below this are the tokenizer's; the action bins are its last n_bins
+    append_trailing_token: bool = True  # predict_action's trailing 29871 (False for other tokenizers)
+    dino_mean: tuple = IMAGENET_MEAN
+    dino_std: tuple = IMAGENET_STD
+    siglip_mean: tuple = SIGLIP_MEAN
+    siglip_std: tuple = SIGLIP_STD
+
+    @property
+    def fused_width(self) -> int:
+        return self.dino.width + self.siglip.width
+
+
+def timm_dinov2_reg(width: int = 1024, depth: int = 24, num_heads: int = 16, *, image_size: int = 224,
+                    mlp_ratio: float = 4.0, **kw) -> ViTConfig:
+    """timm ``vit_large_patch14_reg4_dinov2`` as OpenVLA builds it: 224 px grid, no class position, LayerScale."""
+    return ViTConfig(width=width, depth=depth, mlp_dim=int(width * mlp_ratio), num_heads=num_heads, patch_size=14,
+                     image_size=image_size, class_token=True, class_token_position=False, num_registers=4,
+                     mask_token=False, layer_scale=1e-5, pool="none", post_norm=True, act="gelu", norm_eps=1e-6,
+                     **kw)
+
+
+def timm_siglip(width: int = 1152, depth: int = 27, num_heads: int = 16, *, image_size: int = 224,
+                mlp_ratio: float = 3.7362, **kw) -> ViTConfig:
+    """timm ``vit_so400m_patch14_siglip_224``: no class token, MAP pool, and timm's exact-erf GELU (not tanh)."""
+    return ViTConfig(width=width, depth=depth, mlp_dim=int(width * mlp_ratio), num_heads=num_heads, patch_size=14,
+                     image_size=image_size, pool="map", post_norm=True, act="gelu", norm_eps=1e-6, **kw)
+
+
+def sizes_from_model(model: Mapping[str, Any], text_vocab_size: int = 0) -> OpenVLASizes:
+    """:class:`OpenVLASizes` of ``model.openvla`` (the keys of ``experiments/configs/openvla.py``)."""
+    if "openvla" not in model:
+        raise ValueError("model.preset='openvla' needs model.openvla (dino, siglip, text, ...); start from "
+                         "experiments/configs/openvla.py")
+    c = dict(model["openvla"])
+    dtype = None if model.get("dtype") in (None, "float32") else jnp.dtype(model["dtype"])
+    vdt = None if dtype is None else dtype.name
+    d, s, t = dict(c["dino"]), dict(c["siglip"]), dict(c["text"])
+    dino = timm_dinov2_reg(int(d["width"]), int(d["depth"]), int(d["num_heads"]),
+                           image_size=int(c.get("image_size", 224)), mlp_ratio=float(d.get("mlp_ratio", 4.0)),
+                           dtype=vdt)
+    siglip = timm_siglip(int(s["width"]), int(s["depth"]), int(s["num_heads"]),
+                         image_size=int(c.get("image_size", 224)), mlp_ratio=float(s.get("mlp_ratio", 3.7362)),
+                         dtype=vdt)
+    vocab = int(t["vocab_size"])
+    action_vocab = int(c.get("action_vocab_size", 32000))
+    if text_vocab_size > vocab:
+        raise ValueError(f"the tokenizer has {text_vocab_size} ids but model.openvla.text.vocab_size is {vocab}; "
+                         "use the checkpoint's tokenizer or raise the vocabulary")
+    if not 0 < int(c.get("n_bins", 256)) <= action_vocab <= vocab:
+        raise ValueError(f"model.openvla needs n_bins <= action_vocab_size <= text.vocab_size, got "
+                         f"{c.get('n_bins', 256)}, {action_vocab}, {vocab}")
+    heads = int(t["num_heads"])
+    text = TransformerConfig(vocab_size=vocab, width=int(t["width"]), depth=int(t["depth"]),
+                             mlp_dim=int(t["mlp_dim"]), num_heads=heads,
+                             num_kv_heads=int(t.get("num_kv_heads", heads)),
+                             head_dim=int(t.get("head_dim", int(t["width"]) // heads)),
+                             norm_eps=float(t.get("norm_eps", 1e-5)), act="silu", dtype=dtype)
+    return OpenVLASizes(dino=dino, siglip=siglip, text=text, n_bins=int(c.get("n_bins", 256)),
+                        action_vocab_size=action_vocab,
+                        append_trailing_token=bool(c.get("append_trailing_token", True)))
+
+
+class FusedGeluMLPProjector(nnx.Module):
+    """Prismatic's ``fused-gelu-mlp``: ``fc3(gelu(fc2(gelu(fc1(x)))))``, fc1 widening to 4 x the vision width."""
+
+    def __init__(self, vision_width: int, llm_width: int, *, dtype=None, rngs: nnx.Rngs):
+        hidden = 4 * vision_width
+        self.fc1 = Dense(vision_width, hidden, axes=(None, "mlp"), dtype=dtype, rngs=rngs)
+        self.fc2 = Dense(hidden, llm_width, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+        self.fc3 = Dense(llm_width, llm_width, axes=("embed", "embed"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``[B, N, D_vision] -> [B, N, D_llm]`` (exact erf GELU, as torch's ``nn.GELU()``)."""
+        x = jax.nn.gelu(self.fc1(x), approximate=False)
+        x = jax.nn.gelu(self.fc2(x), approximate=False)
+        return self.fc3(x)
+
+
+class OpenVLAPolicy(nnx.Module):
+    """The OpenVLA policy (see the module docstring); keeps :class:`vlax.policy.VLA`'s contract."""
+
+    def __init__(self, spec: PolicySpec, sizes: OpenVLASizes, *, head_name: str = "binned_lm",
+                 head_kwargs: Mapping[str, Any] | None = None, rngs: nnx.Rngs):
+        self.spec, self.sizes = spec, sizes
+        self.vision = FusedEncoder(ViT(sizes.dino, rngs=rngs), ViT(sizes.siglip, rngs=rngs),
+                                   dino_mean=sizes.dino_mean, dino_std=sizes.dino_std,
+                                   siglip_mean=sizes.siglip_mean, siglip_std=sizes.siglip_std)
+        self.projector = FusedGeluMLPProjector(sizes.fused_width, sizes.text.width, dtype=sizes.text.dtype,
+                                               rngs=rngs)
+        self.backbone = Transformer(sizes.text, rngs=rngs)
+        context = head_context_spec(sizes.text)
+        kwargs = dict(head_kwargs or {})
+        if head_name == "binned_lm":
+            # OpenVLA's bins live at the end of the tokenizer's 32000 ids (the LM head is padded to 32064), and
+            # greedy decoding takes the argmax over the whole vocabulary.
+            context = dataclasses.replace(context, vocab_size=sizes.action_vocab_size)
+            kwargs = {"n_bins": sizes.n_bins, "constrain_to_action_tokens": False, **kwargs}
+        self.head = get_head(head_name, action_dim=spec.action_dim, horizon=spec.horizon, context=context,
+                             rngs=rngs, **kwargs)
+
+    def vision_features(self, obs: Mapping[str, Any]) -> jax.Array:
+        """Fused patch features ``[B, N, D_dino + D_siglip]`` from ``obs["pixels"]`` or the first camera."""
+        if "pixels" in obs:
+            return self.vision(obs["pixels"])
+        images = obs["images"]
+        camera = self.spec.cameras[0] if self.spec.cameras else next(iter(images))
+        if camera not in images:
+            raise KeyError(f"observation lacks camera {camera!r}; it has {sorted(images)}")
+        return self.vision(images[camera])
+
+    def embed_prefix(self, obs: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+        """``(embeds [B, 1 + N + L - 1, D], mask)``: ``<s>``, the projected patches, then the rest of the prompt."""
+        ids = jnp.asarray(obs["text_ids"])
+        if ids.ndim != 2 or ids.shape[1] < 1:
+            raise ValueError(f"text_ids has shape {tuple(ids.shape)}; OpenVLA takes [B, L] starting with <s>")
+        text_mask = jnp.asarray(obs.get("text_mask", jnp.ones(ids.shape, bool)), bool)
+        if self.sizes.append_trailing_token:
+            ids, text_mask = append_trailing_token(ids, text_mask)
+        patches = self.projector(self.vision_features(obs))
+        tokens = self.backbone.embed_tokens(ids).astype(patches.dtype)
+        embeds = jnp.concatenate([tokens[:, :1], patches, tokens[:, 1:]], axis=1)
+        mask = jnp.concatenate([text_mask[:, :1], jnp.ones(patches.shape[:2], bool), text_mask[:, 1:]], axis=1)
+        return embeds, mask
+
+    def context(self, obs: Mapping[str, Any]) -> HeadContext:
+        embeds, mask = self.embed_prefix(obs)
+        slots = getattr(self.head, "cache_slots", None)
+        cache_size = None if slots is None else embeds.shape[1] + int(slots)
+        out = self.backbone(embeds=embeds, input_mask=mask, cache_size=cache_size)
+        return HeadContext(tokens=out.hidden, mask=mask, cache=out.cache, state=None)
+
+    def loss(self, obs: Mapping[str, Any], actions: jax.Array, *, action_mask: jax.Array | None = None,
+             rngs: jax.Array, train: bool = True) -> tuple[jax.Array, dict]:
+        """Training loss on normalized ``actions [B, H, A]`` in [-1, 1]."""
+        return self.head.loss(self.context(obs), actions, action_mask=action_mask, rngs=rngs, train=train,
+                              lm=self.backbone)
+
+    def sample(self, obs: Mapping[str, Any], *, rngs: jax.Array, num_steps: int | None = None) -> jax.Array:
+        """Normalized actions ``[B, H, A]`` (bin centres for the binned heads)."""
+        return self.head.sample(self.context(obs), rngs=rngs, num_steps=num_steps, lm=self.backbone)
+
+
+@register("openvla")
+def build_openvla(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: int, rngs: nnx.Rngs
+                  ) -> OpenVLAPolicy:
+    """The preset builder (``model.preset='openvla'``); ``model.head`` swaps the action head."""
+    head_name = model.get("head", "binned_lm")
+    head_kwargs = {**dict(dict(model.get("head_defaults", {})).get(head_name, {})),
+                   **dict(model.get("head_kwargs", {}))}
+    return OpenVLAPolicy(spec, sizes_from_model(model, text_vocab_size), head_name=head_name,
+                         head_kwargs=head_kwargs, rngs=rngs)
+
+
+__all__ = ["OpenVLAPolicy", "OpenVLASizes", "FusedGeluMLPProjector", "build_openvla", "sizes_from_model",
+           "openvla_prompt", "append_trailing_token", "timm_dinov2_reg", "timm_siglip", "PROMPT_TEMPLATE", "TRAILING_TOKEN_ID"]
