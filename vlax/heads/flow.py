@@ -421,6 +421,12 @@ class FlowHead(ActionHead):
         LeRobot's SmolVLA computes them in float64, and so does this table (the times are known in advance).
         """
         times = np.float32(1.0 + np.arange(steps) * (-1.0 / steps)).astype(np.float64)
+        if self.accumulate_time:  # the float32 times t += dt visits (LeRobot's π0 / π0.5)
+            t, visited = np.float32(1.0), []
+            for _ in range(steps):
+                visited.append(t)
+                t = np.float32(t + np.float32(-1.0 / steps))
+            times = np.asarray(visited, np.float64)
         fraction = np.linspace(0.0, 1.0, self.width // 2, dtype=np.float64)
         lo, hi = self.periods
         period = lo * (hi / lo) ** fraction

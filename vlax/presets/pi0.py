@@ -59,7 +59,16 @@ class Pi0Sizes:
     num_steps: int = 10
 
 
-def _gemma(variant: str) -> tuple[int, ...]:
+GEMMA_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "num_kv_heads", "head_dim")
+
+
+def _gemma(variant: str | Mapping[str, Any]) -> tuple[int, ...]:
+    """A variant name, or explicit sizes ``{width, depth, mlp_dim, num_heads, num_kv_heads, head_dim}``."""
+    if isinstance(variant, Mapping):
+        missing = [f for f in GEMMA_FIELDS if f not in variant]
+        if missing:
+            raise ValueError(f"explicit Gemma sizes {dict(variant)} lack {missing}")
+        return tuple(int(variant[f]) for f in GEMMA_FIELDS)
     if variant not in GEMMA_VARIANTS:
         raise ValueError(f"unknown Gemma variant {variant!r} (model.pi0.paligemma_variant / action_expert_variant); "
                          f"known: {sorted(GEMMA_VARIANTS)}")
@@ -72,8 +81,10 @@ def sizes_from_model(model: Mapping[str, Any], text_vocab_size: int = 0) -> Pi0S
         raise ValueError("model.preset='pi0' / 'pi05' needs model.pi0 (paligemma_variant, action_expert_variant, "
                          "vision, vocab_size, pi05); start from experiments/configs/pi0.py")
     c = dict(model["pi0"])
-    width, depth, mlp, heads, kv, head_dim = _gemma(c.get("paligemma_variant", "gemma_2b"))
-    e_width, e_depth, e_mlp, e_heads, e_kv, e_head_dim = _gemma(c.get("action_expert_variant", "gemma_300m"))
+    # explicit sizes (model.pi0.llm / model.pi0.expert) win over the variant names
+    width, depth, mlp, heads, kv, head_dim = _gemma(c.get("llm") or c.get("paligemma_variant", "gemma_2b"))
+    e_width, e_depth, e_mlp, e_heads, e_kv, e_head_dim = _gemma(c.get("expert")
+                                                                or c.get("action_expert_variant", "gemma_300m"))
     if (e_depth, e_kv, e_head_dim) != (depth, kv, head_dim):
         raise ValueError(f"the action expert must share the LM's depth, KV heads and head size to share its "
                          f"attention; got expert {(e_depth, e_kv, e_head_dim)} vs LM {(depth, kv, head_dim)}")
@@ -90,7 +101,8 @@ def sizes_from_model(model: Mapping[str, Any], text_vocab_size: int = 0) -> Pi0S
     vision = ViTConfig.from_variant(v.get("variant", "So400m/14"), image_size=int(v.get("image_size", 224)),
                                     pool="none", act="gelu_tanh",
                                     dtype=None if dtype is None else str(dtype.name),
-                                    **{k: int(v[k]) for k in ("width", "depth", "mlp_dim", "num_heads") if k in v})
+                                    **{k: int(v[k]) for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size")
+                                       if k in v})
     return Pi0Sizes(vision=vision, llm=llm, expert_width=e_width, expert_mlp_dim=e_mlp, expert_heads=e_heads,
                     pi05=bool(c.get("pi05", False)), num_steps=int(c.get("num_steps", 10)))
 
