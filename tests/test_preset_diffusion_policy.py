@@ -236,6 +236,7 @@ def test_tiny_preset_trains_on_the_lerobot_fixture_then_acts(tmp_path):
     # One block per stage and 32 px keep the compile short; the layout at full size is tested above.
     c.data.image_size = 32
     c.model.diffusion_policy.encoder.resnet = {"depths": (1, 1, 1, 1), "widths": (16, 16, 16, 16)}
+    c.model.head_defaults.diffusion_unet.denoiser_kwargs.update(down_dims=(16,), step_embed_dim=8)
     c.optim, c.train = small.optim, small.train
     c.train.steps, c.train.save_every = 3, 3
     summary = train(c)
