@@ -11,7 +11,6 @@ output at 1.5e-6.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import jax

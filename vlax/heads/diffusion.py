@@ -178,7 +178,8 @@ class ConditionalUnet1D(nnx.Module):
     """Diffusion Policy's temporal U-Net over the horizon axis, FiLM-conditioned on ``[step embedding, cond]``.
 
     ``film_scale``: FiLM with a per-channel scale and bias (else the bias only); ``final_n_groups``: the GroupNorm
-    groups of the last conv block (default ``n_groups``). ``len(down_dims) - 1`` stride-2 down/up-samplings: the horizon must be divisible by ``2 ** (len(down_dims) - 1)``.
+    groups of the last conv block (default ``n_groups``). ``len(down_dims) - 1`` stride-2 down/up-samplings: the
+    horizon must be divisible by ``2 ** (len(down_dims) - 1)``.
     """
 
     def __init__(self, action_dim: int, horizon: int, cond_dim: int, *, down_dims: Sequence[int] = (256, 512, 1024),

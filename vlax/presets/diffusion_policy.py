@@ -21,7 +21,6 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from vlax.encoders.resnet import ResNet

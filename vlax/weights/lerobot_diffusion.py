@@ -152,7 +152,8 @@ def model_config(config: dict, pixel_stats: dict | None = None) -> tuple[dict, P
                         "separate_per_camera": bool(config.get("use_separate_rgb_encoder_per_camera", False)),
                         "resnet": {"depth": RESNET_DEPTHS[backbone]}},
             "n_action_steps": int(config["n_action_steps"]),
-            "pixel_stats": {camera_name(f): None if s is None else (np.asarray(s[0]).tolist(), np.asarray(s[1]).tolist())
+            "pixel_stats": {camera_name(f): None if s is None else (np.asarray(s[0]).tolist(),
+                                                                    np.asarray(s[1]).tolist())
                             for f, s in (pixel_stats or {}).items()} or None}}
     return model, spec
 
