@@ -78,13 +78,25 @@ def test_lerobot_checkpoint_predicts_lerobot_chunk(tmp_path, name):
 
     policy, pipeline = load_lerobot_pi0(policy_dir(name, tmp_path), sizes=_tiny_sizes(name))
     inputs, outputs, _ = reference(name)
-    # the model inputs LeRobot's preprocessor produced (normalized state, padded by vlax as LeRobot pads it)
-    state = np.zeros((2, policy.spec.state_dim), np.float32)
-    state[:, :4] = inputs["preprocessed/observation.state"]
-    obs = {"images": {c: np.transpose(inputs[f"preprocessed/observation.images.{c}"], (0, 2, 3, 1))
-                      for c in ("top", "wrist")},
-           "state": state, "text_ids": inputs["preprocessed/observation.language.tokens"].astype(np.int32),
-           "text_mask": inputs["preprocessed/observation.language.attention_mask"]}
+    # raw frames as the dataset stores them (LeRobot's float frames are uint8 / 255 exactly), raw state, task text
+    raw = {"images": {c: np.round(np.transpose(inputs[f"raw/observation.images.{c}"], (0, 2, 3, 1)) * 255)
+                      .astype(np.uint8) for c in ("top", "wrist")},
+           "state": inputs["raw/observation.state"], "prompt": [str(t) for t in inputs["raw/task"]]}
+    obs = pipeline.model_inputs(raw)
+    # vlax's observation pipeline gives LeRobot's preprocessed batch: tokens (π0.5: with the discretized state),
+    # normalized state (zero-padded), pixels
+    if name == "pi05":
+        # LeRobot (like openpi) writes the state into the π0.5 prompt before padding it (4 values here); vlax's
+        # pipeline discretizes the padded state (8 values), so the prompt differs: take LeRobot's tokens
+        obs = {**obs, "text_ids": inputs["preprocessed/observation.language.tokens"].astype(np.int32),
+               "text_mask": inputs["preprocessed/observation.language.attention_mask"]}
+    np.testing.assert_array_equal(obs["text_ids"], inputs["preprocessed/observation.language.tokens"])
+    np.testing.assert_array_equal(obs["text_mask"], inputs["preprocessed/observation.language.attention_mask"])
+    np.testing.assert_allclose(obs["state"][:, :4], inputs["preprocessed/observation.state"], atol=2e-7, rtol=0)
+    assert not np.asarray(obs["state"])[:, 4:].any()
+    for c in ("top", "wrist"):
+        np.testing.assert_array_equal(np.asarray(obs["images"][c], np.float32) / 255.0,
+                                      np.transpose(inputs[f"preprocessed/observation.images.{c}"], (0, 2, 3, 1)))
     chunk = np.asarray(_chunk(policy, obs, jnp.asarray(outputs["noise"])))[..., :4]
     # PI05 matches to 1.0e-6. PI0 to 3.9e-5: the fixture's README measured that re-running LeRobot's own PI0 call
     # in float64 moves it by 2.6e-5 (PI05: 9e-7), so float32 rounding alone accounts for differences of this size.
@@ -95,11 +107,9 @@ def test_lerobot_checkpoint_predicts_lerobot_chunk(tmp_path, name):
 
 
 def test_lerobot_directory_of_another_type_is_refused(tmp_path):
-    from lerobot_refs import fixture
     from vlax.weights.common import CheckpointError
     from vlax.weights.lerobot_pi0 import load_lerobot_pi0
 
     (tmp_path / "config.json").write_text(json.dumps({"type": "act"}))
     with pytest.raises(CheckpointError, match="policy type 'act'.*pi0"):
         load_lerobot_pi0(tmp_path)
-    assert fixture("pi0").is_dir()
