@@ -18,6 +18,7 @@ from vlax.heads.diffusion import ConditionalUnet1D, DiffusionHead, MLPResNetDeno
 from vlax.heads.execution import ActionQueue, EnsembleState, TemporalEnsembler
 from vlax.heads.fast import FastHead
 from vlax.heads.flow import FlowHead, Pi0Expert, SmolVLAExpert
+from vlax.heads.l1_mlp import L1MLPHead
 from vlax.nn.head_base import ActionHead, combine_masks, split_rngs
 from vlax.nn.noise_schedules import NoiseSchedule
 
@@ -28,6 +29,8 @@ HEADS: dict[str, Callable[..., ActionHead]] = {
     "fast": FastHead,
     # Octo discrete / OpenVLA-OFT: one-pass per-dimension classifier on pooled readouts.
     "binned": functools.partial(BinnedHead, mode="parallel"),
+    # OpenVLA-OFT: L1-regression MLP-ResNet on the LLM's action-slot states, a whole chunk in one pass.
+    "l1_mlp": L1MLPHead,
     # ACT: L1 regression of the chunk from learned queries; with its CVAE.
     "chunk": ChunkHead,
     "chunk_cvae": functools.partial(ChunkHead, cvae=True),
@@ -76,6 +79,6 @@ def to_linen(name: str, **kwargs) -> nnx.bridge.ToLinen:
 
 __all__ = ["HEADS", "get_head", "head_class", "to_linen", "ActionHead", "BinTokenizer", "BinnedHead", "ChunkHead",
            "ACTDecoderHead",
-           "FastHead", "FlowHead", "Pi0Expert", "SmolVLAExpert", "DiffusionHead", "MLPResNetDenoiser",
+           "FastHead", "FlowHead", "L1MLPHead", "Pi0Expert", "SmolVLAExpert", "DiffusionHead", "MLPResNetDenoiser",
            "ConditionalUnet1D", "NoiseSchedule", "TemporalEnsembler", "EnsembleState", "ActionQueue", "combine_masks",
            "split_rngs"]

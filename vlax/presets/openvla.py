@@ -8,6 +8,8 @@ Composition (every piece is a shared vlax module)::
     sequence = [<s>, 256 patch embeddings, remaining prompt tokens], causal, Llama-2 -> KV cache
     head (model.head, default binned_lm): 7 action tokens decoded greedily with the KV cache; action bin k is token
     id ``base_vocab - 1 - k`` (the last 256 ids of the 32000-id Llama-2 vocabulary, not of the padded 32064).
+    OpenVLA-OFT (model.head='l1_mlp'): H * A empty action slots appended after the prompt, bidirectional among
+    themselves, one forward pass; the L1-regression MLP reads their last hidden states -> [B, H, A].
 
 ``obs``: ``images {camera: [B, H, W, 3]}`` (uint8 or [0, 1] floats, already at the tower size) or
 ``pixels {"dino": [B, H, W, 3], "siglip": [B, H, W, 3]}`` (already normalised, e.g. from an image processor),
@@ -40,6 +42,8 @@ from vlax.presets import register
 PROMPT_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut:"
 # predict_action appends Llama-2's lone "▁" (id 29871) when the prompt does not already end with it.
 TRAILING_TOKEN_ID = 29871
+# heads that read one context token per action value at the end of the sequence (OpenVLA-OFT)
+PARALLEL_SLOT_HEADS = ("l1_mlp",)
 
 
 def openvla_prompt(instruction: str) -> str:
@@ -169,6 +173,8 @@ class OpenVLAPolicy(nnx.Module):
             kwargs = {"n_bins": sizes.n_bins, "constrain_to_action_tokens": False, **kwargs}
         self.head = get_head(head_name, action_dim=spec.action_dim, horizon=spec.horizon, context=context,
                              rngs=rngs, **kwargs)
+        # OpenVLA-OFT's parallel decoding: H * A empty action slots after the prompt, attending to each other
+        self.num_action_slots = spec.horizon * spec.action_dim if head_name in PARALLEL_SLOT_HEADS else 0
 
     def vision_features(self, obs: Mapping[str, Any]) -> jax.Array:
         """Fused patch features ``[B, N, D_dino + D_siglip]`` from ``obs["pixels"]`` or the first camera."""
@@ -196,9 +202,17 @@ class OpenVLAPolicy(nnx.Module):
 
     def context(self, obs: Mapping[str, Any]) -> HeadContext:
         embeds, mask = self.embed_prefix(obs)
+        ar_mask = None  # causal
+        if self.num_action_slots:
+            b, n, d = embeds.shape
+            # zero input embeddings (OFT's empty action tokens): only their RoPE positions tell them apart; the
+            # slots form one bidirectional block after the causal prompt
+            embeds = jnp.concatenate([embeds, jnp.zeros((b, self.num_action_slots, d), embeds.dtype)], axis=1)
+            mask = jnp.concatenate([mask, jnp.ones((b, self.num_action_slots), bool)], axis=1)
+            ar_mask = jnp.concatenate([jnp.ones(n + 1, jnp.int32), jnp.zeros(self.num_action_slots - 1, jnp.int32)])
         slots = getattr(self.head, "cache_slots", None)
         cache_size = None if slots is None else embeds.shape[1] + int(slots)
-        out = self.backbone(embeds=embeds, input_mask=mask, cache_size=cache_size)
+        out = self.backbone(embeds=embeds, input_mask=mask, ar_mask=ar_mask, cache_size=cache_size)
         return HeadContext(tokens=out.hidden, mask=mask, cache=out.cache, state=None)
 
     def loss(self, obs: Mapping[str, Any], actions: jax.Array, *, action_mask: jax.Array | None = None,
