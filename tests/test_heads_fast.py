@@ -35,6 +35,12 @@ def tokenizer_path(chunks, tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def built(tokenizer_path):
+    """One tiny VLA for the module (building it is most of the run time on a loaded CPU); tests never mutate it."""
+    return _policy(tokenizer_path)
+
+
 def _model(tokenizer_path: str) -> dict:
     return {"head": "fast", "head_kwargs": {"tokenizer": tokenizer_path},
             "encoder": "conv_stem", "encoder_kwargs": {"width": 16, "channels": (8, 16)}, "backbone": "tiny",
@@ -55,8 +61,8 @@ def _obs(b: int = B):
             "text_ids": jnp.ones((b, 4), jnp.int32), "text_mask": jnp.ones((b, 4), bool)}
 
 
-def test_action_ids_are_the_last_of_the_vocabulary(tokenizer_path, chunks):
-    policy, model = _policy(tokenizer_path)
+def test_action_ids_are_the_last_of_the_vocabulary(built, chunks):
+    policy, model = built
     tok = policy.head.tokenizer
     vocab = backbone_vocab_size(model, TEXT_VOCAB)
     assert vocab == TEXT_VOCAB + tok.vocab_size + 1 == policy.backbone.config.vocab_size
@@ -68,18 +74,23 @@ def test_action_ids_are_the_last_of_the_vocabulary(tokenizer_path, chunks):
     assert policy.head.cache_slots == H * A  # max_tokens + 1 ids decoded, all but the last fed back
 
 
-def test_teacher_forcing_through_the_cache_equals_one_full_forward_pass(tokenizer_path, chunks):
-    policy, _ = _policy(tokenizer_path)
+def test_teacher_forcing_through_the_cache_equals_one_full_forward_pass(built, chunks):
+    policy, _ = built
     obs, actions = _obs(), jnp.asarray(chunks[[0, 9]])
-    loss, metrics = policy.loss(obs, actions, rngs=jax.random.key(0))
+    loss, metrics = nnx.jit(lambda m, o, a: m.loss(o, a, rngs=jax.random.key(0)))(policy, obs, actions)
     # Reference: the prefix and every target but the last in one causal-suffix forward pass, no cache.
     targets, lengths = policy.head.encode_targets(actions)
-    embeds, mask, ar = policy.embed_prefix(obs)
-    p, t = embeds.shape[1], targets.shape[1]
-    out = policy.backbone(tokens=targets[:, :-1], embeds=embeds,
-                          input_mask=jnp.concatenate([mask, jnp.ones((B, t - 1), bool)], 1),
-                          ar_mask=jnp.concatenate([ar, jnp.ones(t - 1, jnp.int32)]), return_logits=True)
-    logits = np.asarray(out.logits[:, p - 1:], np.float64)  # the last prefix position predicts the first target
+    t = targets.shape[1]
+
+    @nnx.jit
+    def full_forward(m, obs, targets):
+        embeds, mask, ar = m.embed_prefix(obs)
+        out = m.backbone(tokens=targets[:, :-1], embeds=embeds,
+                         input_mask=jnp.concatenate([mask, jnp.ones((B, t - 1), bool)], 1),
+                         ar_mask=jnp.concatenate([ar, jnp.ones(t - 1, jnp.int32)]), return_logits=True)
+        return out.logits[:, embeds.shape[1] - 1:]
+
+    logits = np.asarray(full_forward(policy, obs, targets), np.float64)  # the last prefix position predicts the first target
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     ce = -np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0]
@@ -109,8 +120,8 @@ def _train(policy, obs, actions, steps: int, lr: float = 3e-3):
     return nnx.merge(graphdef, params, rest), losses
 
 
-def test_a_tiny_vla_learns_to_decode_fixed_chunks_exactly(tokenizer_path, chunks):
-    policy, _ = _policy(tokenizer_path)
+def test_a_tiny_vla_learns_to_decode_fixed_chunks_exactly(built, chunks):
+    policy, _ = built
     obs, actions = _obs(), jnp.asarray(chunks[[0, 20]])
     tok = policy.head.tokenizer
     assert tok.encode(chunks[0]) != tok.encode(chunks[20])
@@ -127,11 +138,12 @@ def test_a_tiny_vla_learns_to_decode_fixed_chunks_exactly(tokenizer_path, chunks
     np.testing.assert_array_equal(np.asarray(decoded), expected)
     assert np.abs(np.asarray(decoded) - chunks[[0, 20]]).max() <= 0.5 / tok.scale * np.sqrt(H * A)
     # The contract's sample returns the same actions.
-    np.testing.assert_array_equal(np.asarray(trained.sample(obs, rngs=jax.random.key(1))), expected)
+    contract = nnx.jit(lambda m, o: m.sample(o, rngs=jax.random.key(1)))(trained, obs)
+    np.testing.assert_array_equal(np.asarray(contract), expected)
 
 
-def test_invalid_token_sequences_decode_to_flagged_zeros_under_jit(tokenizer_path, chunks):
-    policy, _ = _policy(tokenizer_path)
+def test_invalid_token_sequences_decode_to_flagged_zeros_under_jit(built, chunks):
+    policy, _ = built
     head, vocab = policy.head, policy.backbone.config.vocab_size
     good = [vocab - 1 - t for t in head.tokenizer.encode(chunks[5])[0]]
     width = head.max_tokens + 1
@@ -141,13 +153,15 @@ def test_invalid_token_sequences_decode_to_flagged_zeros_under_jit(tokenizer_pat
     before = head.tokenizer.stats.invalid
     actions, valid = jax.jit(head.decode_tokens)(jnp.asarray(rows, jnp.int32))
     np.testing.assert_array_equal(np.asarray(valid), [True, False, False])
-    np.testing.assert_array_equal(np.asarray(actions[0]), head.tokenizer.decode([head.tokenizer.encode(chunks[5])[0]])[0][0])
+    expected = head.tokenizer.decode(head.tokenizer.encode(chunks[5]))[0][0]
+    np.testing.assert_array_equal(np.asarray(actions[0]), expected)
     assert np.all(np.asarray(actions[1:]) == 0)
     assert head.tokenizer.stats.invalid == before + 2
     # Unconstrained sampling from an untrained model still returns [B, H, A] with a flag per example.
     free = get_head("fast", action_dim=A, horizon=H, context=ContextSpec.from_config(policy.backbone.config),
                     tokenizer=head.tokenizer, constrain_to_action_tokens=False)
-    out, flags = free.sample_with_validity(policy.context(_obs()), lm=policy.backbone)
+    sample = nnx.jit(lambda f, m, o: f.sample_with_validity(m.context(o), lm=m.backbone))
+    out, flags = sample(free, policy, _obs())
     assert out.shape == (B, H, A) and flags.shape == (B,) and np.all(np.isfinite(np.asarray(out)))
     assert np.all(np.asarray(out)[~np.asarray(flags)] == 0)
 
