@@ -90,7 +90,8 @@ def test_teacher_forcing_through_the_cache_equals_one_full_forward_pass(built, c
                          ar_mask=jnp.concatenate([ar, jnp.ones(t - 1, jnp.int32)]), return_logits=True)
         return out.logits[:, embeds.shape[1] - 1:]
 
-    logits = np.asarray(full_forward(policy, obs, targets), np.float64)  # the last prefix position predicts the first target
+    # The last prefix position predicts the first target.
+    logits = np.asarray(full_forward(policy, obs, targets), np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     ce = -np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0]
