@@ -283,3 +283,22 @@ def test_observation_history_windows_pad_episode_starts_by_repeating_the_first_f
     single = dataclasses.replace(pipeline, spec=dataclasses.replace(spec, obs_history=1)).from_batch(batch)
     np.testing.assert_array_equal(single["obs"]["images"]["top"], batch["observation"]["image_top"][:, -1])
     np.testing.assert_array_equal(single["actions"], batch["action"][:, -1])
+
+
+def test_crop_is_centred_at_eval_and_random_windows_at_train():
+    from vlax.presets.diffusion_policy import RgbEncoder
+
+    encoder = RgbEncoder((63, 64), crop_shape=(48, 40), crop_is_random=True, num_keypoints=4,
+                         resnet={"depths": (1, 1, 1, 1), "widths": (16, 16, 16, 16)}, rngs=nnx.Rngs(0))
+    x = jnp.arange(6 * 63 * 64 * 3, dtype=jnp.float32).reshape(6, 63, 64, 3)
+    # torchvision's center_crop: top = int(round((63 - 48) / 2)) = 8, left = int(round((64 - 40) / 2)) = 12
+    np.testing.assert_array_equal(encoder._crop(x, False, None), x[:, 8:56, 12:52])
+    crops = np.asarray(encoder._crop(x, True, jax.random.key(0)))
+    assert crops.shape == (6, 48, 40, 3)
+    pixel = crops[:, 0, 0, 0] / 3 - np.arange(6) * 63 * 64  # the top-left pixel's index inside its own image
+    tops, lefts = pixel // 64, pixel % 64
+    for i, (t, l) in enumerate(zip(tops.astype(int), lefts.astype(int))):
+        np.testing.assert_array_equal(crops[i], x[i, t:t + 48, l:l + 40])
+    assert len(set(zip(tops.tolist(), lefts.tolist()))) > 1  # per-image offsets
+    with pytest.raises(ValueError, match="needs an rng key"):
+        encoder._crop(x, True, None)
