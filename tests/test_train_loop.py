@@ -89,8 +89,8 @@ LOSS_RATIO = {"chunk_cvae": 0.5, "diffusion_unet": 0.995}
 DEFAULT_LOSS_RATIO = 0.9
 # One registered variant of each head class, picked for the paths the loop exercises: LM decoding through the
 # backbone, the CVAE's extra rng and KL term, the expert's KV-cache slots with the state in the head, and the
-# MLP-ResNet denoiser. Every variant's learning is tested head by head in test_heads_learning.py.
-LOOP_HEADS = ("binned_lm", "chunk_cvae", "flow", "diffusion")
+# MLP-ResNet denoiser, and FAST's host-side BPE (pure_callback) inside the sharded train step. Every variant's learning is tested head by head in test_heads_learning.py.
+LOOP_HEADS = ("binned_lm", "chunk_cvae", "flow", "diffusion", "fast")
 
 
 @pytest.mark.parametrize("head", LOOP_HEADS)
@@ -101,6 +101,14 @@ def test_every_head_trains_through_the_loop(tmp_path, data_dir, head):
     c.model.head = head
     if head.startswith("flow"):
         c.model.state_input = "head"
+    if head == "fast":  # a tokenizer for [H, A] chunks: noise and constant +-1 chunks span the normalized range
+        from vlax.action_tokens import FastTokenizer
+
+        shape = (c.data.action_horizon, c.model.action_dim)
+        chunks = np.concatenate([np.random.default_rng(0).uniform(-1, 1, (64, *shape)), np.ones((1, *shape)),
+                                 -np.ones((1, *shape))])
+        FastTokenizer.fit(chunks, vocab_size=256).save(str(tmp_path / "fast.json"))
+        c.model.head_kwargs.tokenizer = str(tmp_path / "fast.json")
     summary = train(c)
     losses = np.array(summary["losses"])
     assert np.all(np.isfinite(losses))
