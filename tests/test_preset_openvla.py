@@ -241,3 +241,25 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"(?s)missing keys.*projector\.fc2\.bias.*projector\.fc4\.weight"):
         load_openvla(tmp_path)
     assert sizes_from_checkpoint(FIXTURE).siglip.mlp_dim == 179
+
+
+def test_tiny_preset_trains_on_the_lerobot_fixture(tmp_path):
+    """experiments/train.py with the tiny config (a 2 x 2 patch grid, one camera) on LeRobot's own v3 fixture:
+    OpenVLA's action tokens through the LM head, teacher-forced, finite losses."""
+    from experiments.train import train
+
+    c = get_config("tiny")
+    c.workdir = str(tmp_path / "run")
+    c.data.sources[0].path = str(Path(__file__).parent / "fixtures" / "lerobot_ds")
+    c.data.sources[0].cameras = (("observation.images.wrist", "wrist"),)
+    c.data.image_size = c.model.openvla.image_size = 28  # compiling the train step dominates this test
+    c.data.batch_size, c.data.shuffle_buffer, c.data.val_fraction = 8, 16, 0.0
+    # byte tokenizer and a 512-id vocabulary whose last 256 ids are the bins: the 32064-row LM head's gradient
+    # and compile time would dominate
+    c.model.tokenizer = "byte"
+    c.model.openvla.text.vocab_size = c.model.openvla.action_vocab_size = 512
+    c.model.max_text_len = 24
+    c.train.steps = c.train.save_every = 2
+    c.train.log_every, c.train.progress, c.train.tensorboard = 1, False, False
+    summary = train(c)
+    assert summary["final_step"] == 2 and all(np.isfinite(summary["losses"]))
