@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlax.nn import ContextSpec, Dense, HeadContext, LanguageModel, LayerNorm, unpack_decode
-from vlax.nn.head_base import (ActionHead, AttentionPool, RngLike, last_valid_index, masked_mean, masked_mean_pool,
-                               split_rngs)
+from vlax.nn import ContextSpec, Dense, HeadContext, LanguageModel, LayerNorm
+from vlax.nn.head_base import ActionHead, AttentionPool, RngLike, masked_mean, masked_mean_pool, split_rngs
+from vlax.nn.lm_decoding import autoregressive_decode, check_decode_room, teacher_forced_logits, token_cross_entropy
 
 
 # ---- the tokenizer -------------------------------------------------------------------------------------------------
@@ -148,12 +148,6 @@ class BinTokenizer:
 MODES = ("parallel", "lm")
 
 
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    logits = logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - picked
-
-
 def _pick(logits: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
     """Argmax (``temperature == 0``) or a temperature-scaled categorical draw over the last axis."""
     if temperature <= 0.0:
@@ -226,20 +220,7 @@ class BinnedHead(ActionHead):
 
     # ---- LM mode ------------------------------------------------------------------------------------------------
     def _check_lm(self, ctx: HeadContext, lm: LanguageModel | None, new_tokens: int) -> None:
-        if lm is None:
-            raise ValueError("the binned head in LM mode decodes through the backbone: pass lm=<LanguageModel>")
-        if ctx.cache is None:
-            raise ValueError("the binned head in LM mode needs ctx.cache (the backbone's prefix KV cache)")
-        free = ctx.cache.max_len - ctx.tokens.shape[1]
-        if new_tokens > free:
-            raise ValueError(f"the KV cache has {ctx.cache.max_len} slots for a {ctx.tokens.shape[1]}-token prefix "
-                             f"but decoding needs {new_tokens} more; build the cache with cache_size >= "
-                             f"{ctx.tokens.shape[1] + new_tokens}")
-
-    def _first_logits(self, ctx: HeadContext, lm: LanguageModel) -> jax.Array:
-        last = last_valid_index(ctx.mask)
-        hidden = jnp.take_along_axis(ctx.tokens, last[:, None, None], axis=1)  # [B, 1, D]
-        return lm.logits(hidden)[:, 0]
+        check_decode_room(ctx, lm, new_tokens, "the binned head in LM mode")
 
     def _restrict(self, logits: jax.Array) -> jax.Array:
         """Logits of the action ids only, reordered by class (class c is id ``vocab - 1 - c``)."""
@@ -256,19 +237,14 @@ class BinnedHead(ActionHead):
         classes = self.tokenizer.encode_classes(actions)  # [B, H, A]
         if self.mode == "parallel":
             logits = self.class_logits(ctx)
-            ce = _cross_entropy(logits, classes)
+            ce = token_cross_entropy(logits, classes)
             predicted = jnp.argmax(logits, axis=-1)
         else:
             b, n_tokens = actions.shape[0], self.horizon * self.action_dim
             self._check_lm(ctx, lm, n_tokens - 1)
             targets = self.tokenizer.classes_to_tokens(classes).reshape(b, n_tokens)
-            first = self._first_logits(ctx, lm)[:, None]
-            if n_tokens > 1:
-                rest, _ = unpack_decode(lm.decode_step(targets[:, :-1], ctx.cache))
-                logits = jnp.concatenate([first, rest.astype(first.dtype)], axis=1)
-            else:
-                logits = first
-            ce = _cross_entropy(logits, targets).reshape(classes.shape)
+            logits = teacher_forced_logits(ctx, lm, targets)
+            ce = token_cross_entropy(logits, targets).reshape(classes.shape)
             predicted = self.tokenizer.tokens_to_classes(jnp.argmax(logits, axis=-1)).reshape(classes.shape)
         loss = masked_mean(ce, mask)
         decoded = self.tokenizer.decode_classes(predicted)
@@ -286,24 +262,11 @@ class BinnedHead(ActionHead):
             return self.tokenizer.decode_classes(classes)
         b, n_tokens = ctx.batch_size, self.horizon * self.action_dim
         self._check_lm(ctx, lm, n_tokens - 1)
-        keys = jax.random.split(key, n_tokens)
 
         def choose(logits, k):
             if self.constrain:
                 return self.tokenizer.classes_to_tokens(_pick(self._restrict(logits), k, self.temperature))
             return _pick(logits, k, self.temperature)
 
-        first = choose(self._first_logits(ctx, lm), keys[0])
-
-        def step(carry, k):
-            token, cache = carry
-            logits, cache = unpack_decode(lm.decode_step(token[:, None], cache))
-            nxt = choose(logits[:, -1], k)
-            return (nxt, cache), nxt
-
-        if n_tokens > 1:
-            _, rest = jax.lax.scan(step, (first, ctx.cache), keys[1:])
-            tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
-        else:
-            tokens = first[:, None]
+        tokens = autoregressive_decode(ctx, lm, n_tokens, choose, key)
         return self.tokenizer.decode(tokens.reshape(b, self.horizon, self.action_dim))
