@@ -33,7 +33,9 @@ def _config(variant: str, workdir: Path) -> ml_collections.ConfigDict:
     return c
 
 
-@pytest.mark.parametrize("variant", ["tiny", "tiny_pi05"])
+# π0 only: π0.5 builds through the same trainer path and its model is covered by the parity tests (each run
+# compiles a train step: ~50 s on a loaded 2-core machine)
+@pytest.mark.parametrize("variant", ["tiny"])
 def test_finetune_on_lerobot_fixture_then_act(tmp_path, variant):
     from experiments.train import train
     from vlax.inference import PolicyRunner

@@ -257,11 +257,13 @@ def test_head_swap_keeps_the_paligemma_prefix():
 
     config = configs.get_config("tiny")
     config.model.head = "chunk"
+    config.model.head_kwargs = {"width": 32, "num_heads": 2, "mlp_dim": 64}  # ACT's 512 / 3200 are slow on a CPU
+    config.data.image_size = config.model.pi0.vision.image_size = 28  # 2 x 2 patches: the prefix is what counts
     spec = policy_spec(config, cameras=("base_0_rgb",))
     policy = build_policy(config.model, spec, 0, nnx.Rngs(0))
     assert isinstance(policy, Pi0Policy) and type(policy.head).__name__ == "ChunkHead"
     rs = np.random.RandomState(0)
-    obs = {"images": {"base_0_rgb": rs.randint(0, 255, (2, 224, 224, 3), np.uint8)},
+    obs = {"images": {"base_0_rgb": rs.randint(0, 255, (2, 28, 28, 3), np.uint8)},
            "state": rs.normal(size=(2, 8)).astype(np.float32),
            "text_ids": rs.randint(0, 1024, (2, 16)).astype(np.int32), "text_mask": np.ones((2, 16), bool)}
     actions, loss = nnx.jit(lambda p, o: (p.sample(o, rngs=jax.random.key(0)), p.loss(
