@@ -5,8 +5,8 @@
 
 Every window of ``horizon`` consecutive actions inside an episode is one chunk; actions are normalized with the
 dataset's own statistics (``bounds``: q01/q99 -> [-1, 1], π0-FAST's choice). Prints the compression: mean FAST
-tokens per chunk against the ``horizon * action_dim`` numbers of the chunk. Use the file as
-``--config.model.head=fast --config.model.head_kwargs.tokenizer=/tmp/fast.json``.
+tokens per chunk against the ``horizon * action_dim`` numbers of the chunk. A config uses the file with
+``c.model.head = "fast"`` and ``c.model.head_kwargs.tokenizer = "/tmp/fast.json"`` (same ``horizon``).
 """
 
 from __future__ import annotations
