@@ -60,8 +60,8 @@ def _tiny_sizes(name: str) -> dict:
     from lerobot_refs import fixture
 
     dims = json.loads((fixture(name) / "tiny_dims.json").read_text())
-    gemma = lambda part: {k: dims[part][k] for k in ("width", "depth", "mlp_dim", "num_heads", "num_kv_heads",  # noqa: E731
-                                                      "head_dim")}
+    fields = ("width", "depth", "mlp_dim", "num_heads", "num_kv_heads", "head_dim")
+    gemma = lambda part: {k: dims[part][k] for k in fields}  # noqa: E731
     v = dims["vision"]
     return dict(llm=gemma("vlm"), expert=gemma("action_expert"), vocab_size=dims["vocab_size"],
                 vision=dict(width=v["hidden_size"], depth=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
