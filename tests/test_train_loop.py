@@ -89,7 +89,8 @@ LOSS_RATIO = {"chunk_cvae": 0.5, "diffusion_unet": 0.995}
 DEFAULT_LOSS_RATIO = 0.9
 # One registered variant of each head class, picked for the paths the loop exercises: LM decoding through the
 # backbone, the CVAE's extra rng and KL term, the expert's KV-cache slots with the state in the head, and the
-# MLP-ResNet denoiser, and FAST's host-side BPE (pure_callback) inside the sharded train step. Every variant's learning is tested head by head in test_heads_learning.py.
+# MLP-ResNet denoiser, and FAST's host-side BPE (pure_callback) inside the sharded train step. Every variant's
+# learning is tested head by head in test_heads_learning.py.
 LOOP_HEADS = ("binned_lm", "chunk_cvae", "flow", "diffusion", "fast")
 
 
