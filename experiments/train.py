@@ -227,8 +227,8 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
     spec = policy_spec(cfg, cameras=cameras, state_dim=dims[0], action_dim=dims[1])
     prompt = get_prompt(cfg.model.get("prompt", "plain")).to_json()
 
-    def tokenize(instructions, states):  # runs inside tf.data, the same function inference calls
-        return tokenize_prompts(tokenizer, prompt, instructions, spec.max_text_len, states)
+    def tokenize(instructions, states, state_dims=None):  # runs inside tf.data, the same function inference calls
+        return tokenize_prompts(tokenizer, prompt, instructions, spec.max_text_len, states, state_dims)
 
     data = build_data(cfg, sources, weights, tokenize, dims, expected, resume_step, workdir)
     pipeline = ObservationPipeline(spec, tokenizer, data.artifacts, prompt=prompt)

@@ -32,15 +32,15 @@ def trajectories(rng) -> list[dict]:
 def test_training_batch_and_raw_observation_give_identical_model_inputs(prompt, normalization):
     trajs = trajectories(np.random.default_rng(0))
     source = InMemorySource("arm", trajs, gripper_last=True)
-    spec = PolicySpec(cameras=("top", "wrist"), image_size=32, state_dim=3, action_dim=3, horizon=2,
+    spec = PolicySpec(cameras=("top", "wrist"), image_size=32, state_dim=5, action_dim=3, horizon=2,
                       max_text_len=48)
     tokenizer = ByteTokenizer()
 
-    def tokenize(instructions, states):  # the function experiments/train.py hands the data pipeline
-        return tokenize_prompts(tokenizer, prompt, instructions, spec.max_text_len, states)
+    def tokenize(instructions, states, state_dims=None):  # the function experiments/train.py hands the pipeline
+        return tokenize_prompts(tokenizer, prompt, instructions, spec.max_text_len, states, state_dims)
 
     config = DataConfig(batch_size=4, action_horizon=2, image_size=32, normalization=normalization, train=False,
-                        drop_remainder=False, stats_cache_dir=None)
+                        drop_remainder=False, stats_cache_dir=None, max_state_dim=5)  # 2 padded state dims
     data = build_pipeline([source], config, tokenize=tokenize, process_index=0, process_count=1)
     pipeline = ObservationPipeline(spec, tokenizer, data.artifacts, prompt=prompt)
     artifact = pipeline.artifact
@@ -59,5 +59,8 @@ def test_training_batch_and_raw_observation_give_identical_model_inputs(prompt, 
             for key in ("state", "text_ids", "text_mask"):
                 np.testing.assert_array_equal(served[key][0], train_inputs[key][b], err_msg=key)
                 assert served[key].dtype == train_inputs[key].dtype, key
+            # π0.5's prompt carries the dataset's 3 state values, not the 2 padded ones
+            real = tokenize_prompts(tokenizer, prompt, raw["prompt"], spec.max_text_len, served["state"][:, :3])
+            np.testing.assert_array_equal(served["text_ids"], real[0])
             seen += 1
     assert seen == sum(len(t["action"]) for t in trajs)  # every step of both episodes compared

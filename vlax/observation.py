@@ -117,10 +117,15 @@ class ObservationPipeline:
     # ---- the pieces, shared by every path -------------------------------------------------------------------------
 
     def tokenize(self, instructions: Sequence[str | bytes],
-                 states: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 states: np.ndarray | None = None,
+                 state_dims: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Prompt-formatted, tokenized, right-padded ``ids [B, L] int32`` and ``mask [B, L] bool``; ``states``
-        (normalized ``[B, S]``) for templates that format the state (π0.5)."""
-        return tokenize_prompts(self.tokenizer, self.prompt, instructions, self.spec.max_text_len, states)
+        (normalized ``[B, S]``) for templates that format the state (π0.5), of which only the first
+        ``state_dims`` per example (default: the dataset's state dim) are real."""
+        if states is not None and state_dims is None and "state" in self.artifact.keys:
+            state_dims = [self.artifact.dim("state")] * len(states)
+        return tokenize_prompts(self.tokenizer, self.prompt, instructions, self.spec.max_text_len, states,
+                                state_dims)
 
     def normalize_state(self, state: np.ndarray) -> np.ndarray:
         """Raw ``[B, S_data]`` -> normalized, zero-padded ``float32 [B, S]``."""

@@ -108,17 +108,23 @@ def get_prompt(name: str | PromptTemplate) -> PromptTemplate:
 
 
 def tokenize_prompts(tokenizer: Tokenizer, prompt: str | PromptTemplate, instructions: Sequence[str | bytes],
-                     max_len: int, states: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     max_len: int, states: np.ndarray | None = None,
+                     state_dims: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Formatted and tokenized prompts: ids ``[B, max_len]`` int32, mask ``[B, max_len]`` bool (right-padded,
-    truncated at ``max_len``). ``states``: ``[B, S]`` normalized, for templates that format the state.
+    truncated at ``max_len``). ``states``: ``[B, S]`` normalized, for templates that format the state;
+    ``state_dims``: each example's real state dims (the rest is padding, left out of the prompt as π0.5 does).
 
     A pure function of its inputs (safe inside ``tf.numpy_function``); repeated instructions are memoised.
     """
     template = get_prompt(prompt)
     if template.uses_state and states is None:
         raise ValueError(f"prompt template {template.name!r} formats the state; pass states [B, S]")
-    texts = [template.text(t, None if states is None or not template.uses_state else states[i])
-             for i, t in enumerate(instructions)]
+    def state_of(i):
+        if states is None or not template.uses_state:
+            return None
+        return states[i] if state_dims is None else states[i][:int(state_dims[i])]
+
+    texts = [template.text(t, state_of(i)) for i, t in enumerate(instructions)]
     # Prompts carrying a state are almost all distinct: memoising them would only churn the cache.
     seqs = encode_texts(tokenizer, texts, cache=not template.uses_state)
     if template.suffix:

@@ -215,15 +215,18 @@ def frame_transforms_fn(config: DataConfig, cameras: Sequence[str]):
 def _tokenizing(tokenize):
     """Batch -> batch with ``task/text_ids`` and ``task/text_mask`` (the tokenizer runs in tf.data's threads)."""
 
-    def run(texts, states):
-        ids, mask = tokenize(list(texts), states)
+    def run(texts, states, state_dims):
+        ids, mask = tokenize(list(texts), states, state_dims)
         return np.asarray(ids, np.int32), np.asarray(mask, bool)
 
     def add(batch):
         state = batch["observation"]["state"]
+        state_mask = batch["observation"].get("state_mask", tf.ones_like(state, tf.bool))
         state = state[:, -1] if state.shape.rank == 3 else state  # the last window step, as the policy sees it
-        ids, mask = tf.numpy_function(run, [batch["task"]["language_instruction"], state], [tf.int32, tf.bool],
-                                      stateful=False)
+        state_mask = state_mask[:, -1] if state_mask.shape.rank == 3 else state_mask
+        state_dims = tf.reduce_sum(tf.cast(state_mask, tf.int32), axis=-1)  # real dims: padding stays out
+        ids, mask = tf.numpy_function(run, [batch["task"]["language_instruction"], state, state_dims],
+                                      [tf.int32, tf.bool], stateful=False)
         ids.set_shape([None, None])
         mask.set_shape([None, None])
         return {**batch, "task": {**batch["task"], "text_ids": ids, "text_mask": mask}}
@@ -254,7 +257,8 @@ def build_pipeline(
       process_index / process_count: this host's shard (default from JAX).
       expected_artifacts: normalization recorded with a checkpoint, by dataset name; a mismatch raises
         :class:`~vlax.data.normalization.NormalizationMismatchError` naming the field.
-      tokenize: optional ``(instructions [B] bytes, states [B, S]) -> (ids [B, L] int32, mask [B, L] bool)`` run
+      tokenize: optional ``(instructions [B] bytes, states [B, S], state_dims [B]) -> (ids [B, L] int32, mask
+        [B, L] bool)`` (``state_dims``: each example's real state dims, the rest is padding) run
         inside the
         pipeline on each batch (e.g. :meth:`vlax.observation.ObservationPipeline.tokenize`); adds
         ``task/text_ids`` and ``task/text_mask``.
