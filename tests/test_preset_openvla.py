@@ -258,6 +258,7 @@ def test_tiny_preset_trains_on_the_lerobot_fixture(tmp_path):
     # and compile time would dominate
     c.model.tokenizer = "byte"
     c.model.openvla.text.vocab_size = c.model.openvla.action_vocab_size = 512
+    c.model.openvla.append_trailing_token = False  # 29871 is Llama-2's id
     c.model.max_text_len = 24
     c.train.steps = c.train.save_every = 2
     c.train.log_every, c.train.progress, c.train.tensorboard = 1, False, False

@@ -125,6 +125,9 @@ def sizes_from_model(model: Mapping[str, Any], text_vocab_size: int = 0) -> Open
     if not 0 < int(c.get("n_bins", 256)) <= action_vocab <= vocab:
         raise ValueError(f"model.openvla needs n_bins <= action_vocab_size <= text.vocab_size, got "
                          f"{c.get('n_bins', 256)}, {action_vocab}, {vocab}")
+    if bool(c.get("append_trailing_token", True)) and vocab <= TRAILING_TOKEN_ID:
+        raise ValueError(f"model.openvla.append_trailing_token appends Llama-2's id {TRAILING_TOKEN_ID}, outside a "
+                         f"{vocab}-id vocabulary: set model.openvla.append_trailing_token=False for this tokenizer")
     heads = int(t["num_heads"])
     text = TransformerConfig(vocab_size=vocab, width=int(t["width"]), depth=int(t["depth"]),
                              mlp_dim=int(t["mlp_dim"]), num_heads=heads,
