@@ -80,7 +80,7 @@ def run(policy, pipeline, refs):
         return features, policy.projector(features), out.hidden, policy.backbone.logits(out.hidden), mask, out.cache
 
     features, projected, hidden, logits, mask, cache = forward(obs)
-    actions = policy.sample(obs, rngs=jax.random.key(0))
+    actions = nnx.jit(lambda p, o: p.sample(o, rngs=jax.random.key(0)))(policy, obs)
     return dict(inputs=inputs, features=features, projected=projected, hidden=hidden, logits=logits, mask=mask,
                 cache=cache, actions=actions)
 
