@@ -160,8 +160,8 @@ def test_bad_configurations_are_named():
 
 
 def test_registry_lists_known_names():
-    with pytest.raises(ValueError, match=r"unknown encoder 'resnet'; known: \[.*'dinov2'.*'siglip'"):
-        get_encoder("resnet", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"unknown encoder 'efficientnet'; known: \[.*'dinov2'.*'siglip'"):
+        get_encoder("efficientnet", rngs=nnx.Rngs(0))
     vit = get_encoder("vit", variant="Ti/16", depth=1, image_size=32, rngs=nnx.Rngs(0))
     assert isinstance(vit, ViT) and vit.config.width == 192
     siglip = nnx.eval_shape(lambda: get_encoder("siglip_so400m14_224", rngs=nnx.Rngs(0)))
