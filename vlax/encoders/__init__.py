@@ -1,4 +1,4 @@
-"""Vision encoders: one ViT for SigLIP / DINOv2, OpenVLA's fused DINOv2 + SigLIP, a small conv stem and a ResNet.
+"""Vision encoders: one ViT for SigLIP / DINOv2 / CLIP, OpenVLA's fused DINOv2 + SigLIP, a small conv stem and a ResNet.
 
 Look one up by name (configs name their encoder)::
 
@@ -18,7 +18,7 @@ from flax import nnx
 from vlax.encoders.conv_stem import ConvStem
 from vlax.encoders.fused import FusedEncoder, dinosiglip
 from vlax.encoders.resnet import ResNet
-from vlax.encoders.vit import ViT, ViTConfig, ViTOutput, decode_variant, dinov2_config, siglip_config
+from vlax.encoders.vit import ViT, ViTConfig, ViTOutput, clip_config, decode_variant, dinov2_config, siglip_config
 
 
 def _vit(*, rngs: nnx.Rngs, variant: str = "B/16", **overrides) -> ViT:
@@ -50,6 +50,8 @@ ENCODERS: dict[str, Callable[..., nnx.Module]] = {
     "dinov2_b14": _dinov2("B/14", 0),
     "dinov2_l14": _dinov2("L/14", 0),
     "dinov2_l14_reg4": _dinov2("L/14", 4),
+    "clip_l14": lambda *, rngs, variant="L/14", image_size=224, **kw: ViT(clip_config(variant, image_size, **kw),
+                                                                          rngs=rngs),
     "dinosiglip": lambda *, rngs, **kw: dinosiglip(rngs=rngs, **kw),
     "conv_stem": lambda *, rngs, **kw: ConvStem(rngs=rngs, **kw),
     "resnet": lambda *, rngs, **kw: ResNet(rngs=rngs, **kw),
@@ -65,6 +67,6 @@ def get_encoder(name: str, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
 
 
 __all__ = [
-    "ENCODERS", "ConvStem", "FusedEncoder", "ResNet", "ViT", "ViTConfig", "ViTOutput", "decode_variant", "dinosiglip",
-    "dinov2_config", "get_encoder", "siglip_config",
+    "ENCODERS", "ConvStem", "FusedEncoder", "ResNet", "ViT", "ViTConfig", "ViTOutput", "clip_config", "decode_variant",
+    "dinosiglip", "dinov2_config", "get_encoder", "siglip_config",
 ]

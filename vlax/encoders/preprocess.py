@@ -11,6 +11,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)  # SigLIP / PaliGemma: pixels mapped to [-1, 1]
 SIGLIP_STD = (0.5, 0.5, 0.5)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP (OpenFlamingo's ViT-L/14)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def to_unit_float(images: jax.Array) -> jax.Array:

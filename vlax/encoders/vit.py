@@ -1,4 +1,4 @@
-"""One Vision Transformer for SigLIP and DINOv2 (and plain ViTs), sized by a big_vision variant string.
+"""One Vision Transformer for SigLIP, DINOv2 and CLIP (and plain ViTs), sized by a big_vision variant string.
 
 ``ViTConfig.from_variant("So400m/14")`` decodes width / depth / MLP size / heads / patch size, as big_vision
 does. The two pretrained families differ only in options:
@@ -8,6 +8,10 @@ does. The two pretrained families differ only in options:
 * DINOv2: a class token (its position embedding included), optional register tokens (after the class token,
   without position embeddings), LayerScale on both residual branches, a ``mask_token`` parameter, exact GELU,
   final LayerNorm.
+* CLIP (OpenAI's ViT-L/14 of OpenFlamingo / RoboFlamingo): a class token with a position, a bias-free patch
+  embedding, a LayerNorm ahead of the blocks (``pre_norm``), QuickGELU, and the final LayerNorm applied to the
+  pooled class token only (``post_norm_scope="pooled"``: the patch tokens leave the last block unnormalised, as
+  transformers' ``CLIPVisionModel.last_hidden_state`` does).
 
 Position embeddings are resized to the input's patch grid with PyTorch-equal bicubic weights
 (:mod:`vlax.encoders.interpolate`), so any resolution that is a multiple of the patch size works.
@@ -76,6 +80,9 @@ class ViTConfig:
     layer_scale: float | None = None  # LayerScale init value; None: no LayerScale
     pool: Literal["none", "map", "cls"] = "none"
     post_norm: bool = True
+    post_norm_scope: Literal["all", "pooled"] = "all"  # "pooled": only the pooled output is normalised (CLIP)
+    pre_norm: bool = False  # a LayerNorm over the embeddings ahead of the first block (CLIP)
+    patch_bias: bool = True
     act: str = "gelu_tanh"
     mlp_type: Literal["mlp", "swiglu"] = "mlp"
     norm_eps: float = 1e-6
@@ -109,6 +116,13 @@ def siglip_config(variant: str = "So400m/14", image_size: int = 224, **overrides
     return ViTConfig.from_variant(variant, image_size=image_size, **{"pool": "map", "act": "gelu_tanh", **overrides})
 
 
+def clip_config(variant: str = "L/14", image_size: int = 224, **overrides) -> ViTConfig:
+    """CLIP vision tower: class token, bias-free patches, pre-LayerNorm, QuickGELU, post-norm on the pooled token."""
+    defaults = dict(class_token=True, pool="cls", act="quick_gelu", norm_eps=1e-5, pre_norm=True, patch_bias=False,
+                    post_norm_scope="pooled")
+    return ViTConfig.from_variant(variant, image_size=image_size, **{**defaults, **overrides})
+
+
 def dinov2_config(variant: str = "L/14", image_size: int = 518, num_registers: int = 0, **overrides) -> ViTConfig:
     """DINOv2 (with ``num_registers`` register tokens if > 0): class token, LayerScale, exact GELU."""
     defaults = dict(class_token=True, num_registers=num_registers, mask_token=True, layer_scale=1.0, pool="cls",
@@ -140,12 +154,12 @@ class PatchEmbedding(nnx.Module):
     """Non-overlapping ``p x p`` patches projected to ``D``: a stride-``p`` convolution, kernel ``[p, p, C, D]``."""
 
     def __init__(self, patch_size: int, num_channels: int, width: int, *, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 use_bias: bool = True, rngs: nnx.Rngs):
         self.patch_size, self.dtype = patch_size, dtype
         init = nnx.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)
         self.kernel = param(rngs, init, (patch_size, patch_size, num_channels, width),
                             (None, None, None, "embed"), param_dtype)
-        self.bias = param(rngs, nnx.initializers.zeros, (width,), ("embed",), param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (width,), ("embed",), param_dtype) if use_bias else None
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """``[B, H, W, C] -> [B, H // p, W // p, D]`` (trailing rows/columns that do not fill a patch are dropped,
@@ -158,7 +172,7 @@ class PatchEmbedding(nnx.Module):
         dtype = self.dtype or pixels.dtype
         x = pixels[:, : gh * p, : gw * p].astype(dtype).reshape(b, gh, p, gw, p, c)
         y = jnp.einsum("bhpwqc,pqcd->bhwd", x, self.kernel[...].astype(dtype))
-        return y + self.bias[...].astype(dtype)
+        return y if self.bias is None else y + self.bias[...].astype(dtype)
 
 
 class Embeddings(nnx.Module):
@@ -168,7 +182,7 @@ class Embeddings(nnx.Module):
         d, pdt = cfg.width, _dtype(cfg.param_dtype)
         self.cfg = cfg
         self.patch_embedding = PatchEmbedding(cfg.patch_size, cfg.num_channels, d, dtype=_dtype(cfg.dtype),
-                                              param_dtype=pdt, rngs=rngs)
+                                              param_dtype=pdt, use_bias=cfg.patch_bias, rngs=rngs)
         num_positions = cfg.grid_size ** 2 + self.num_class_positions
         std = nnx.initializers.normal(stddev=d ** -0.5)
         self.position_embedding = param(rngs, std, (num_positions, d), (None, "embed"), pdt)
@@ -284,6 +298,8 @@ class ViT(nnx.Module):
         self.config = config
         pdt = _dtype(config.param_dtype)
         self.embeddings = Embeddings(config, rngs=rngs)
+        self.pre_layernorm = LayerNorm(config.width, eps=config.norm_eps, param_dtype=pdt,
+                                       rngs=rngs) if config.pre_norm else None
         self.encoder = Encoder(config, rngs=rngs)
         self.post_layernorm = LayerNorm(config.width, eps=config.norm_eps, param_dtype=pdt,
                                         rngs=rngs) if config.post_norm else None
@@ -295,10 +311,16 @@ class ViT(nnx.Module):
             self.head = None
         if config.pool == "cls" and not config.class_token:
             raise ValueError("pool='cls' needs class_token=True")
+        if config.post_norm_scope not in ("all", "pooled"):
+            raise ValueError(f"unknown post_norm_scope {config.post_norm_scope!r}; known: ['all', 'pooled']")
 
     @property
     def num_prefix_tokens(self) -> int:
         return self.config.num_prefix_tokens
+
+    def _embed(self, pixels: jax.Array, masked_patches: jax.Array | None = None) -> jax.Array:
+        x = self.embeddings(pixels, masked_patches)
+        return x if self.pre_layernorm is None else self.pre_layernorm(x)
 
     def _run_layers(self, x: jax.Array, num_layers: int, keep: bool) -> tuple[jax.Array, jax.Array | None]:
         layers = self.encoder.layers
@@ -315,15 +337,16 @@ class ViT(nnx.Module):
     def __call__(self, pixels: jax.Array, *, output_hidden_states: bool = False,
                  masked_patches: jax.Array | None = None) -> ViTOutput:
         """``pixels [B, H, W, C]`` -> :class:`ViTOutput` (``tokens [B, (H/p)(W/p), D]``)."""
-        x = self.embeddings(pixels, masked_patches)
+        x = self._embed(pixels, masked_patches)
         last, per_layer = self._run_layers(x, self.config.depth, output_hidden_states)
         hidden = jnp.concatenate([x[None], per_layer], axis=0) if output_hidden_states else None
-        out = self.post_layernorm(last) if self.post_layernorm is not None else last
+        norm_all = self.post_layernorm is not None and self.config.post_norm_scope == "all"
+        out = self.post_layernorm(last) if norm_all else last
         p = self.num_prefix_tokens
         if self.config.pool == "map":
             pooled = self.head(out)
         elif self.config.pool == "cls":
-            pooled = out[:, 0]
+            pooled = out[:, 0] if norm_all or self.post_layernorm is None else self.post_layernorm(out[:, 0])
         else:
             pooled = None
         return ViTOutput(tokens=out[:, p:], prefix=out[:, :p], pooled=pooled, hidden_states=hidden)
@@ -339,5 +362,5 @@ class ViT(nnx.Module):
         index = layer + depth if layer < 0 else layer
         if not 0 <= index < depth:
             raise ValueError(f"layer {layer} out of range for a {depth}-layer ViT")
-        x, _ = self._run_layers(self.embeddings(pixels), index + 1, False)
+        x, _ = self._run_layers(self._embed(pixels), index + 1, False)
         return x[:, self.num_prefix_tokens:]
