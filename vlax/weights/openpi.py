@@ -10,7 +10,8 @@ openpi's released ``checkpoints/<name>/params`` is an orbax PyTree checkpoint (O
   the MLP as ``gating_einsum [L, 2, D, F]`` + ``linear [L, F, D]``; the action expert's weights are the same
   names with the suffix ``_1``;
 * the flow head's projections: ``action_in_proj``, ``action_out_proj`` and ``state_proj`` +
-  ``action_time_mlp_{in,out}`` (π0) or ``time_mlp_{in,out}`` (π0.5).
+  ``action_time_mlp_{in,out}`` (π0) or ``time_mlp_{in,out}`` (π0.5);
+* in fine-tuned checkpoints, LoRA adapters beside the einsum weights (folded into them on import).
 
 The variant is read from the keys (π0, π0.5, or π0-FAST, which has no action expert and is refused here).
 
@@ -33,6 +34,7 @@ from flax import nnx
 
 from vlax.data.normalization import NormalizationArtifact
 from vlax.weights.common import CheckpointError, assign_params, param_shapes
+from vlax.weights.openpi_lora import fold_lora
 
 VARIANTS = ("pi0", "pi05", "pi0_fast")
 
@@ -185,12 +187,15 @@ HEAD_PROJECTIONS = ("action_in_proj", "action_out_proj", "state_proj", "action_t
                     "time_mlp_in", "time_mlp_out")
 
 
-def convert_params(flat: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def convert_params(flat: Mapping[str, np.ndarray], *, lora_scale: float = 1.0
+                   ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """openpi key paths -> ``({vlax path: array}, {vlax path: openpi path})`` for :class:`Pi0Policy`.
 
-    Every openpi key must be used; one left over (e.g. LoRA ``lora_a`` / ``lora_b`` weights, which this importer
-    does not fold) is named in a :class:`CheckpointError`.
+    LoRA adapters of fine-tuned checkpoints are folded into their base weights (:mod:`vlax.weights.openpi_lora`;
+    ``lora_scale``: the attention adapters' alpha / rank, 1.0 in openpi's LoRA variants). Every openpi key must be
+    used; one left over is named in a :class:`CheckpointError`.
     """
+    flat, folded = fold_lora(flat, attention_scale=lora_scale)
     variant = detect_variant(flat)
     if variant == "pi0_fast":
         raise CheckpointError("these params are π0-FAST (PaliGemma without an action expert); the pi0 / pi05 presets "
@@ -210,8 +215,10 @@ def convert_params(flat: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray
                 sources[f"head.{name}.{leaf}"] = f"{name}/{leaf}"
     unused = sorted(set(flat) - set(sources.values()))
     if unused:
-        raise CheckpointError(f"openpi params not understood by this importer: {unused} (LoRA weights must be "
-                              "merged into the base weights first)")
+        raise CheckpointError(f"openpi params not understood by this importer: {unused}")
+    for name, source in sources.items():
+        if source in folded:
+            sources[name] = f"{source} + {' @ '.join(folded[source])}"
     return out, sources
 
 
@@ -243,19 +250,20 @@ def model_config(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def load_openpi(path: str | Path, model: Mapping[str, Any], spec, *, dtype=None, shardings: Any = None,
-                rngs: nnx.Rngs | None = None):
+                rngs: nnx.Rngs | None = None, lora_scale: float = 1.0):
     """A :class:`vlax.presets.pi0.Pi0Policy` holding the openpi ``params/`` at ``path``.
 
     ``model``: the config's ``model`` section; its ``pi0`` entries are filled in from the checkpoint (explicit ones
     must agree). ``spec``: the :class:`vlax.policy.PolicySpec`. The policy is built abstractly
     (``nnx.eval_shape``) and every parameter is written once from the checkpoint, cast to ``dtype`` when given.
     ``shardings`` (``{vlax path: jax.sharding.Sharding}``) places each array on its sharding as it is converted.
-    Missing and unexpected keys are all named in one :class:`CheckpointError`.
+    Missing and unexpected keys are all named in one :class:`CheckpointError`. LoRA adapters are folded into
+    the base weights (``lora_scale``: see :func:`convert_params`).
     """
     from vlax.presets.pi0 import Pi0Policy, sizes_from_model
 
     flat = read_params(path)
-    tensors, sources = convert_params(flat)
+    tensors, sources = convert_params(flat, lora_scale=lora_scale)
     found = model_config(flat)
     given = dict(dict(model).get("pi0", {}))
     conflicts = {k: (given[k], v) for k, v in found.items() if k in given and k != "vision" and given[k] != v}
