@@ -19,7 +19,8 @@ from vlax.heads import HEADS, get_head
 from vlax.policy import VLA, PolicySpec, head_context_spec
 
 # Pixel statistics each pretrained encoder family was trained with.
-PIXEL_STATS = {"siglip": ((0.5,) * 3, (0.5,) * 3), "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+PIXEL_STATS = {"siglip": ((0.5,) * 3, (0.5,) * 3), "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+               "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))}
 
 
 class PatchTokens(nnx.Module):
@@ -44,7 +45,7 @@ def _encoder(name: str, kwargs: Mapping[str, Any], image_size: int, rngs: nnx.Rn
         return encoder, encoder.width
     encoder = get_encoder(name, image_size=image_size, rngs=rngs, **kwargs)
     if isinstance(encoder, ViT):
-        family = "dinov2" if name.startswith("dinov2") else "siglip"
+        family = "dinov2" if name.startswith("dinov2") else "clip" if name.startswith("clip") else "siglip"
         return PatchTokens(encoder, *PIXEL_STATS[family]), encoder.config.width
     return encoder, getattr(encoder, "width", None) or encoder.config.width
 
