@@ -17,8 +17,9 @@ $(STAMP): setup.py constraints.txt
 	$(PY) -m pip install --quiet --no-deps openpi-client==0.1.2
 	touch $(STAMP)
 
+# Two workers, one per core of the CI machine; a test file stays on one worker (its module fixtures are built once).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)
 	$(PY) -m experiments.demo

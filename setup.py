@@ -33,7 +33,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # torch==2.13.0 exactly: the CPU wheel. A looser spec pulls a multi-GB CUDA build.
-    "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "diffusers>=0.35,<0.43"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0,<6", "diffusers>=0.35,<0.43"],
     "sim": ["metaworld==3.1.1", "mujoco==3.3.0", "packaging", "imageio", "matplotlib"],
 }
 

@@ -32,9 +32,18 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 DEFAULT_HEADS = ("binned", "binned_lm", "chunk", "flow", "diffusion")
+# Rows that are published families rather than heads on the generic VLA: the preset with its own head, at the
+# tiny sizes of its config, on the same data and budget (Diffusion Policy with one observation step, as the
+# evaluator feeds one).
+PRESET_ROWS = {
+    "act": ("model.preset=act", "model.head=act", "model.state_input=head", "data.normalization=normal"),
+    "diffusion_policy": ("model.preset=diffusion_policy", "model.head=diffusion_unet", "model.state_input=head",
+                         "data.normalization=min_max"),
+}
 CONFIG = "experiments/configs/metaworld.py"
 
-flags.DEFINE_list("heads", list(DEFAULT_HEADS), "registered head names to compare")
+flags.DEFINE_list("heads", list(DEFAULT_HEADS), "registered head names to compare, or preset rows: "
+                  f"{sorted(PRESET_ROWS)}")
 flags.DEFINE_string("variant", "tiny", "config variant of experiments/configs/metaworld.py")
 flags.DEFINE_string("tasks", "mt10", "mt10, mt50 or comma-separated task names (training and evaluation)")
 flags.DEFINE_integer("steps", 3000, "training steps per head (the same for every head)")
@@ -71,8 +80,9 @@ def train_head(head: str, workdir: Path, threads: int) -> None:
     minutes = FLAGS.max_minutes
     if minutes > 0:
         minutes = max(minutes - _train_seconds(workdir) / 60, 0.05)
+    model = [f"--config.{s}" for s in PRESET_ROWS[head]] if head in PRESET_ROWS else [f"--config.model.head={head}"]
     cmd = [sys.executable, "-m", "experiments.train", f"--config={CONFIG}:{FLAGS.variant}",
-           f"--config.model.head={head}", f"--config.workdir={workdir}", f"--config.seed={FLAGS.seed}",
+           *model, f"--config.workdir={workdir}", f"--config.seed={FLAGS.seed}",
            f"--config.data.sources[0].tasks={FLAGS.tasks}", f"--config.train.steps={FLAGS.steps}",
            f"--config.train.max_minutes={minutes}", "--config.train.tensorboard=False"]
     cmd += [f"--config.{s}" for s in FLAGS.set]

@@ -24,6 +24,13 @@ SIZES = {
 }
 
 
+def preset_settings(variant: str = "tiny") -> ml_collections.ConfigDict:
+    """``model.act``: the encoder / decoder / VAE settings at ``variant``'s size (the chunk is data.action_horizon)."""
+    s = {k: v for k, v in SIZES[variant].items() if k != "chunk_size"}
+    return ml_collections.ConfigDict({**s, "use_vae": True, "kl_weight": 10.0, "pre_norm": False,
+                                      "backbone_depth": 18, "backbone_widths": (64, 128, 256, 512)})
+
+
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     if variant not in SIZES:
         raise ValueError(f"unknown act variant {variant!r}; known: {sorted(SIZES)}")
@@ -37,8 +44,6 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.model.state_input = "head"                    # ACT embeds the state as its own encoder token
     c.model.head = "act"
     c.model.head_kwargs = ml_collections.ConfigDict()
-    c.model.act = ml_collections.ConfigDict({
-        **s, "use_vae": True, "kl_weight": 10.0, "pre_norm": False, "backbone_depth": 18,
-        "backbone_widths": (64, 128, 256, 512)})
+    c.model.act = preset_settings(variant)
     c.optim.learning_rate, c.optim.weight_decay = 1e-5, 1e-4  # LeRobot's optimizer settings
     return c

@@ -25,6 +25,16 @@ SIZES = {
 }
 
 
+def preset_settings(variant: str = "tiny") -> ml_collections.ConfigDict:
+    """``model.diffusion_policy``: the observation encoder's settings at ``variant``'s size."""
+    s = SIZES[variant]
+    return ml_collections.ConfigDict({
+        "encoder": {"crop_shape": (), "crop_is_random": True, "num_keypoints": s["num_keypoints"],
+                    "separate_per_camera": False, "resnet": {"depth": 18}},
+        "n_action_steps": s["n_action_steps"],
+        "pixel_stats": {}})                         # {camera: (mean [3], std [3])}; empty: pixels in [0, 1]
+
+
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     if variant not in SIZES:
         raise ValueError(f"unknown diffusion_policy variant {variant!r}; known: {sorted(SIZES)}")
@@ -48,10 +58,6 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         "denoiser_kwargs": {"down_dims": s["down_dims"], "kernel_size": s["kernel_size"],
                             "n_groups": s["n_groups"], "step_embed_dim": s["step_embed_dim"], "film_scale": True,
                             "final_n_groups": 8}}})
-    c.model.diffusion_policy = ml_collections.ConfigDict({
-        "encoder": {"crop_shape": (), "crop_is_random": True, "num_keypoints": s["num_keypoints"],
-                    "separate_per_camera": False, "resnet": {"depth": 18}},
-        "n_action_steps": s["n_action_steps"],
-        "pixel_stats": {}})                         # {camera: (mean [3], std [3])}; empty: pixels in [0, 1]
+    c.model.diffusion_policy = preset_settings(variant)
     c.optim.learning_rate, c.optim.weight_decay = 1e-4, 1e-6  # LeRobot's optimizer settings
     return c

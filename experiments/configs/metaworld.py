@@ -86,6 +86,14 @@ def _base() -> ml_collections.ConfigDict:
     c.train.progress = True                       # progress bar on process 0
     c.train.resume_without_data_state = False     # True: resume a checkpoint lacking its data-iterator state
 
+    # Published families as rows of the head ablation (model.preset); their settings are read only when chosen.
+    from experiments.configs import act, diffusion_policy
+
+    c.model.preset = ""                           # "" is the generic VLA; act | diffusion_policy | ...
+    c.model.act = act.preset_settings("tiny")
+    c.model.diffusion_policy = diffusion_policy.preset_settings("tiny")
+    c.data.obs_history = 1                        # observation steps per example ([B, T, ...] when > 1)
+
     c.finetune = ml_collections.ConfigDict()
     c.finetune.checkpoint = ""                    # a workdir or checkpoint dir to start from
     c.finetune.reinit = ""                        # regex of parameter paths initialised afresh
