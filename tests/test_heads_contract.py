@@ -69,6 +69,7 @@ SMALL = {  # the cheapest construction of each registered head
                                                                           encoder_depth=1),
     "flow": dict(width=8, mlp_dim=16), "flow_pi05": dict(width=8, mlp_dim=16), "flow_smolvla": dict(mlp_dim=16),
     "l1_mlp": dict(hidden_dim=8, num_blocks=1),
+    "lstm": dict(hidden_dim=8, num_layers=1, tower_dims=(8,)),
     "diffusion": dict(denoiser_kwargs=dict(hidden_dim=8, num_blocks=1)),
     "diffusion_unet": dict(denoiser_kwargs=dict(down_dims=(8, 16), step_embed_dim=8, n_groups=2)),
     # A FAST tokenizer for [4, 3] chunks whose ids (+ the end marker) fit SPEC's 64-id vocabulary.

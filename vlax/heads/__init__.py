@@ -19,6 +19,7 @@ from vlax.heads.execution import ActionQueue, EnsembleState, TemporalEnsembler
 from vlax.heads.fast import FastHead
 from vlax.heads.flow import FlowHead, Pi0Expert, SmolVLAExpert
 from vlax.heads.l1_mlp import L1MLPHead
+from vlax.heads.lstm import LSTMHead
 from vlax.nn.head_base import ActionHead, combine_masks, split_rngs
 from vlax.nn.noise_schedules import NoiseSchedule
 
@@ -47,6 +48,8 @@ HEADS: dict[str, Callable[..., ActionHead]] = {
     # Diffusion Policy: 1-D FiLM U-Net, squaredcos_cap_v2 over 100 steps, DDPM fixed_small.
     "diffusion_unet": functools.partial(DiffusionHead, denoiser="unet1d", schedule="squaredcos_cap_v2",
                                         num_train_timesteps=100, variance_type="fixed_small"),
+    # RoboFlamingo: LSTM over per-frame features, tanh pose + sigmoid gripper towers (temporal="mlp": its fc head).
+    "lstm": LSTMHead,
 }
 
 
@@ -78,7 +81,7 @@ def to_linen(name: str, **kwargs) -> nnx.bridge.ToLinen:
 
 
 __all__ = ["HEADS", "get_head", "head_class", "to_linen", "ActionHead", "BinTokenizer", "BinnedHead", "ChunkHead",
-           "ACTDecoderHead",
+           "ACTDecoderHead", "LSTMHead",
            "FastHead", "FlowHead", "L1MLPHead", "Pi0Expert", "SmolVLAExpert", "DiffusionHead", "MLPResNetDenoiser",
            "ConditionalUnet1D", "NoiseSchedule", "TemporalEnsembler", "EnsembleState", "ActionQueue", "combine_masks",
            "split_rngs"]
