@@ -39,6 +39,9 @@ PRESET_ROWS = {
     "act": ("model.preset=act", "model.head=act", "model.state_input=head", "data.normalization=normal"),
     "diffusion_policy": ("model.preset=diffusion_policy", "model.head=diffusion_unet", "model.state_input=head",
                          "data.normalization=min_max"),
+    # RoboFlamingo at a 128-wide size, its LSTM head predicting the chunk from the one frame the evaluator feeds
+    "roboflamingo": ("model.preset=roboflamingo", "model.head=lstm", "model.state_input=none",
+                     "data.normalization=bounds"),
 }
 CONFIG = "experiments/configs/metaworld.py"
 

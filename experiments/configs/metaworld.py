@@ -87,11 +87,13 @@ def _base() -> ml_collections.ConfigDict:
     c.train.resume_without_data_state = False     # True: resume a checkpoint lacking its data-iterator state
 
     # Published families as rows of the head ablation (model.preset); their settings are read only when chosen.
-    from experiments.configs import act, diffusion_policy
+    from experiments.configs import act, diffusion_policy, roboflamingo
 
     c.model.preset = ""                           # "" is the generic VLA; act | diffusion_policy | ...
     c.model.act = act.preset_settings("tiny")
     c.model.diffusion_policy = diffusion_policy.preset_settings("tiny")
+    c.model.roboflamingo = roboflamingo.preset_settings("metaworld")
+    c.model.head_defaults.lstm = dict(hidden_dim=128, num_layers=2, dropout=0.0, tower_dims=(128,))
     c.data.obs_history = 1                        # observation steps per example ([B, T, ...] when > 1)
 
     c.finetune = ml_collections.ConfigDict()

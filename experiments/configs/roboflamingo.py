@@ -58,6 +58,15 @@ SIZES = {
         lm=dict(backbone="llama2_7b", overrides=dict(vocab_size=32003)),
         cross_attn_every=4, cross_attn=dict(num_heads=8, head_dim=64, ff_mult=4),
         head=LSTM_HEAD, image_size=224, history=12),
+    # The Meta-World head ablation's size (experiments/ablate_heads.py): 128 wide like its generic VLA's backbone.
+    "metaworld": dict(
+        vision=dict(variant="Ti/8", image_size=64, width=128, depth=2, mlp_dim=256, num_heads=4),
+        resampler=dict(depth=1, num_latents=16, num_heads=4, head_dim=32, ff_mult=2),
+        lm=dict(backbone="tiny", overrides=dict(vocab_size=0, width=128, depth=4, mlp_dim=384, num_heads=4,
+                                                num_kv_heads=2, head_dim=32)),
+        cross_attn_every=2, cross_attn=dict(num_heads=4, head_dim=32, ff_mult=2),
+        head=dict(LSTM_HEAD, hidden_dim=128, num_layers=2, dropout=0.0, tower_dims=(128,)),
+        image_size=64, history=1),
     "tiny": dict(
         vision=dict(variant="Ti/8", image_size=32, width=32, depth=1, mlp_dim=64, num_heads=2),
         resampler=dict(depth=1, num_latents=4, num_heads=2, head_dim=16, ff_mult=2),
