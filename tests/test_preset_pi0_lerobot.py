@@ -1,5 +1,6 @@
-"""π0 and π0.5 presets trained on LeRobot's own v3 dataset (tests/fixtures/lerobot_ds) through experiments/train.py,
-then acting from the checkpoint through the one observation pipeline (PolicyRunner).
+"""π0 fine-tuned with LoRA on LeRobot's own v3 dataset (tests/fixtures/lerobot_ds) through experiments/train.py,
+then acting from the checkpoint through the one observation pipeline (PolicyRunner); LeRobot PI0 / PI05
+checkpoints against LeRobot's own outputs.
 
 The models are the tiny openpi sizes with SigLIP reading 28 px frames (a 2 x 2 patch grid), so a few steps run in
 seconds; state and actions (4 dims in the dataset) are zero-padded to the 8 the config declares.
@@ -29,22 +30,41 @@ def _config(variant: str, workdir: Path) -> ml_collections.ConfigDict:
     c.data.image_size = 28
     c.model.pi0.vision.image_size = 28
     c.data.batch_size, c.data.shuffle_buffer, c.data.action_horizon = 8, 16, 4
-    c.train.steps, c.train.save_every, c.train.log_every = 3, 3, 1
+    c.train.steps, c.train.save_every, c.train.log_every = 40, 40, 1
+    c.optim.warmup_steps, c.optim.learning_rate = 1, 3e-3  # a few steps must move the loss
+    c.train.progress = False
     return c
 
 
-# π0 only: π0.5 builds through the same trainer path and its model is covered by the parity tests (each run
-# compiles a train step: ~50 s on a loaded 2-core machine)
-@pytest.mark.parametrize("variant", ["tiny"])
-def test_finetune_on_lerobot_fixture_then_act(tmp_path, variant):
+# π0 with LoRA on the PaliGemma LM and the full expert (openpi's LoRA fine-tuning); π0.5 builds through the same
+# trainer path and its model is covered by the parity tests (each run compiles a train step: ~50 s on a loaded
+# 2-core machine; the 40 steps themselves take ~2 s)
+def test_lora_finetune_on_lerobot_fixture_then_act(tmp_path):
     from experiments.train import train
     from vlax.inference import PolicyRunner
+    from vlax.nn import LoRADense
+    from vlax.train.optimizer import OptimizerConfig, frozen_paths
 
-    c = _config(variant, tmp_path / "run")
+    c = _config("tiny_lora", tmp_path / "run")
     summary = train(c)
-    assert summary["final_step"] == 3 and all(np.isfinite(summary["losses"]))
+    losses = summary["losses"]
+    assert summary["final_step"] == 40 and all(np.isfinite(losses))
+    # flow matching draws a new time and noise per step, so single losses are noisy: compare means. Measured
+    # (CPU): 3.16 over the first 5 steps -> 2.08 over the last 10 (0.66x); 0.8x fails a loss that does not fall.
+    first, last = np.mean(losses[:5]), np.mean(losses[-10:])
+    assert last <= 0.8 * first, f"loss did not fall by 20%: first 5 steps {first:.3f}, last 10 {last:.3f}"
+
     runner = PolicyRunner.from_checkpoint(c.workdir)
     assert runner.config.model.preset == c.model.preset and runner.spec.action_dim == 8
+    trained = nnx.merge(runner._graphdef, runner._state)
+    q = trained.backbone.layers.self_attn.q_proj
+    assert isinstance(q, LoRADense) and np.abs(np.asarray(q.lora_b[...])).max() > 0  # adapters trained (init 0)
+    # what optim.freeze holds still: exactly the LM's own weights (embeddings and norms included)
+    frozen = frozen_paths(nnx.to_pure_dict(nnx.state(trained, nnx.Param)), OptimizerConfig(freeze=c.optim.freeze))
+    every = list(nnx.to_flat_state(nnx.state(trained, nnx.Param)))
+    lm_own = sorted("/".join(map(str, p)) for p, _ in every if p[0] == "backbone" and not p[-1].startswith("lora_"))
+    assert sorted(frozen) == lm_own and len(lm_own) == 11
+
     rng = np.random.default_rng(0)
     raw = {"images": {"top": rng.integers(0, 256, (64, 64, 3), np.uint8),
                       "wrist": rng.integers(0, 256, (64, 64, 3), np.uint8)},
@@ -100,10 +120,27 @@ def test_lerobot_checkpoint_predicts_lerobot_chunk(tmp_path, name):
         np.testing.assert_array_equal(np.asarray(obs["images"][c], np.float32) / 255.0,
                                       np.transpose(inputs[f"preprocessed/observation.images.{c}"], (0, 2, 3, 1)))
     chunk = np.asarray(_chunk(policy, obs, jnp.asarray(outputs["noise"])))[..., :4]
-    # PI05 matches to 1.0e-6. PI0 to 3.9e-5: the fixture's README measured that re-running LeRobot's own PI0 call
-    # in float64 moves it by 2.6e-5 (PI05: 9e-7), so float32 rounding alone accounts for differences of this size.
+    # PI05 matches to 1.0e-6, PI0 to 3.9e-5, above the 1e-5 asked for fp32. That is float32 rounding, not a
+    # different computation: this random-weight PI0 amplifies rounding ~30x more than PI05. Measured:
+    # * LeRobot's own PI0 call re-run in float64 moves its output by 2.6e-5 (fixture README; PI05: 9e-7);
+    # * vlax's float32 chunk is 7.6e-6 from the same vlax call in float64 (norms and attention logits too), and
+    #   that float64 chunk is 2.2e-5 from LeRobot's float32 one: most of the gap is LeRobot's own rounding;
+    # * moving every weight by one float32 ulp (random directions, three draws) moves vlax's PI0 chunk by
+    #   1.2e-5 - 2.7e-5 (PI05: 7e-7 - 1.1e-6), checked below: two correct float32 programs that round in a
+    #   different order (torch vs XLA) cannot be expected closer than that.
     tol = 1e-5 if name == "pi05" else 5e-5
     np.testing.assert_allclose(chunk, outputs["chunk"], atol=tol, rtol=0)
+    if name == "pi0":
+        graphdef, state = nnx.split(policy)
+        rs = np.random.RandomState(0)
+        nudged = [(path, var.replace(jnp.asarray(np.nextafter(
+            v, np.where(rs.rand(*v.shape) < 0.5, -np.inf, np.inf).astype(v.dtype)))))
+            for path, var in nnx.to_flat_state(state) for v in [np.asarray(var.get_value())]]
+        moved = np.asarray(_chunk(nnx.merge(graphdef, nnx.from_flat_state(nudged)), obs,
+                                  jnp.asarray(outputs["noise"])))[..., :4]
+        spread = np.abs(moved - chunk).max()
+        assert spread >= 5e-6, f"one-ulp weights moved PI0's chunk by only {spread:.2g} (measured 1.6e-5)"
+        assert np.abs(chunk - outputs["chunk"]).max() <= 3 * spread
     # the same chunk in robot units through the pipeline's unnormalization
     np.testing.assert_allclose(pipeline.actions(chunk), outputs["chunk_unnormalized"], atol=10 * tol, rtol=1e-5)
 

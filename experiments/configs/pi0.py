@@ -1,5 +1,5 @@
 """π0 / π0.5 (``model.preset='pi0'`` / ``'pi05'``) trained on your own data; variants ``tiny``, ``tiny_pi05``,
-``published`` and ``published_pi05``.
+``published`` and ``published_pi05``, each also as ``<variant>_lora``.
 
     python -m experiments.train --config=experiments/configs/pi0.py:tiny \\
         --config.data.sources[0].path=/data/my_lerobot_ds --config.workdir=runs/pi0
@@ -14,6 +14,10 @@
 π0 embeds the state as a token of the expert's suffix (``model.state_input='head'``); π0.5 writes it, discretized
 into 256 bins, into the prompt (``model.prompt='pi05'``, ``state_input='none'``). ``model.head`` swaps the head
 (``chunk``, ``diffusion``, ...) while keeping the PaliGemma prefix.
+
+``<variant>_lora`` (e.g. ``published_lora``): LoRA on the PaliGemma LM (``model.pi0.lora``: rank 16, alpha 16 as
+openpi's ``gemma_2b_lora``; tiny: rank 4) with the LM's own weights frozen (``optim.freeze``), the action expert,
+SigLIP and the projector trained in full.
 """
 
 from __future__ import annotations
@@ -22,7 +26,12 @@ import ml_collections
 
 from experiments.configs import finetune
 
-VARIANTS = ("tiny", "tiny_pi05", "published", "published_pi05")
+VARIANTS = ("tiny", "tiny_pi05", "published", "published_pi05")  # each also with "_lora" appended
+# openpi's gemma_2b_lora (rank 16, alpha 16 on every attention and MLP projection); tiny: rank 4
+LORA = {"tiny": dict(rank=4, alpha=4.0), "published": dict(rank=16, alpha=16.0)}
+# LoRA fine-tuning freezes the LM's own weights (embeddings included) and trains its adapters, SigLIP, the
+# projector and the whole action expert, as openpi's freeze filter for a LoRA PaliGemma with a full expert does
+LORA_FREEZE = r"^backbone/(?!.*/lora_[ab](/|$))"
 
 TINY = dict(paligemma_variant="tiny", action_expert_variant="tiny_expert", vocab_size=1024,
             vision=dict(variant="So400m/14", width=32, depth=2, mlp_dim=128, num_heads=2, image_size=224),
@@ -32,8 +41,10 @@ PUBLISHED = dict(paligemma_variant="gemma_2b", action_expert_variant="gemma_300m
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    lora = variant.endswith("_lora")
+    variant = variant.removesuffix("_lora")
     if variant not in VARIANTS:
-        raise ValueError(f"unknown pi0 variant {variant!r}; known: {list(VARIANTS)}")
+        raise ValueError(f"unknown pi0 variant {variant!r}; known: {list(VARIANTS)}, each also with '_lora'")
     pi05 = variant.endswith("pi05")
     tiny = variant.startswith("tiny")
     sizes = dict(TINY if tiny else PUBLISHED, pi05=pi05)
@@ -56,6 +67,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.model.max_text_len = 16 if tiny else (200 if pi05 else 48)
     c.model.prompt = "pi05" if pi05 else "pi0"
     c.model.tokenizer = "byte"  # or PaliGemma's tokenizer.json
+    if lora:
+        c.model.pi0.lora = ml_collections.ConfigDict(LORA["tiny" if tiny else "published"])
+        c.optim.freeze = LORA_FREEZE
     if not tiny:
         c.data.batch_size = 32
         c.model.dtype = "bfloat16"

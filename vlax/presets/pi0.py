@@ -1,4 +1,5 @@
-"""π0 and π0.5 (Physical Intelligence): PaliGemma + a Gemma action expert sharing its attention, flow matching.
+"""π0, π0.5 and π0-FAST (Physical Intelligence): PaliGemma + a Gemma action expert sharing its attention, flow
+matching (π0-FAST: PaliGemma decoding FAST action tokens).
 
 Composition (every piece is a shared vlax module)::
 
@@ -12,6 +13,9 @@ Composition (every piece is a shared vlax module)::
       π0.5: H action tokens, time through adaptive RMSNorm (scale, shift, gate) in every expert norm.
     training: t ~ Beta(1.5, 1) * 0.999 + 0.001, x_t = t noise + (1 - t) a, target noise - a; sampling: Euler
     steps from t = 1 to 0.
+    π0-FAST (``model.preset='pi0_fast'``): no expert; the ``fast`` head decodes FAST tokens through Gemma's tied
+    LM head with the KV cache.
+    LoRA (``model.pi0.lora``): low-rank adapters on the Gemma LM's projections, for fine-tuning with the LM frozen.
 
 Observation: ``images {camera: [B, h, w, 3]}`` (uint8, or float in [0, 1]), optional ``image_masks {camera: [B]}``
 (False: that example has no such camera), ``state [B, action_dim]`` (π0, normalized, zero-padded),
@@ -31,7 +35,7 @@ from vlax.backbones import Transformer
 from vlax.backbones.config import TransformerConfig
 from vlax.encoders.vit import ViT, ViTConfig
 from vlax.heads import get_head
-from vlax.nn import Dense, HeadContext, RopeConfig
+from vlax.nn import Dense, HeadContext, RopeConfig, apply_lora
 from vlax.policy import PolicySpec, head_context_spec
 from vlax.presets import register
 
@@ -57,6 +61,7 @@ class Pi0Sizes:
     expert_heads: int
     pi05: bool
     num_steps: int = 10
+    lora: tuple[int, float, str] | None = None  # (rank, alpha, target regex) of adapters on the Gemma LM
 
 
 GEMMA_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "num_kv_heads", "head_dim")
@@ -104,7 +109,23 @@ def sizes_from_model(model: Mapping[str, Any], text_vocab_size: int = 0) -> Pi0S
                                     **{k: int(v[k]) for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size")
                                        if k in v})
     return Pi0Sizes(vision=vision, llm=llm, expert_width=e_width, expert_mlp_dim=e_mlp, expert_heads=e_heads,
-                    pi05=bool(c.get("pi05", False)), num_steps=int(c.get("num_steps", 10)))
+                    pi05=bool(c.get("pi05", False)), num_steps=int(c.get("num_steps", 10)), lora=_lora(c.get("lora")))
+
+
+# Every projection of Gemma's layers, as openpi's gemma_2b_lora adapts its attention and MLP einsums.
+LORA_TARGET = r"^layers/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)$"
+
+
+def _lora(lora: Mapping[str, Any] | None) -> tuple[int, float, str] | None:
+    """``model.pi0.lora``: ``{rank, alpha, target}`` (alpha defaults to the rank, target to every projection)."""
+    if not lora or not int(dict(lora).get("rank", 0)):
+        return None
+    lora = dict(lora)
+    unknown = sorted(set(lora) - {"rank", "alpha", "target"})
+    if unknown:
+        raise ValueError(f"model.pi0.lora has unknown keys {unknown}; it takes rank, alpha and target")
+    rank = int(lora["rank"])
+    return rank, float(lora.get("alpha") or rank), str(lora.get("target") or LORA_TARGET)
 
 
 def to_signed_pixels(images: jax.Array) -> jax.Array:
@@ -128,6 +149,10 @@ class Pi0Policy(nnx.Module):
         self.vision = ViT(sizes.vision, rngs=rngs)
         self.img_proj = Dense(sizes.vision.width, sizes.llm.width, axes=("embed", "embed"), rngs=rngs)
         self.backbone = Transformer(sizes.llm, rngs=rngs)
+        if sizes.lora is not None:
+            # adapters beside the LM's frozen projections (freeze them with optim.freeze, see configs/pi0.py)
+            rank, alpha, target = sizes.lora
+            apply_lora(self.backbone, rank=rank, alpha=alpha, target=target, rngs=rngs)
         head_name = head_name or ("flow_pi05" if sizes.pi05 else "flow")
         kwargs = dict(head_kwargs or {})
         if head_name in ("flow", "flow_pi05"):
@@ -201,15 +226,18 @@ class Pi0Policy(nnx.Module):
 
 
 def _build(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: int, rngs: nnx.Rngs,
-           pi05: bool) -> Pi0Policy:
+           pi05: bool, default: str | None = None) -> Pi0Policy:
     sizes = sizes_from_model(model, text_vocab_size)
     if sizes.pi05 != pi05:
-        raise ValueError(f"model.preset={'pi05' if pi05 else 'pi0'!r} but model.pi0.pi05={sizes.pi05}; make them "
-                         "agree")
-    default = "flow_pi05" if pi05 else "flow"
+        raise ValueError(f"model.preset={model.get('preset')!r} but model.pi0.pi05={sizes.pi05}; make them agree")
+    default = default or ("flow_pi05" if pi05 else "flow")
     head_name = model.get("head") or default
     head_kwargs = {**dict(dict(model.get("head_defaults", {})).get(head_name, {})),
                    **dict(model.get("head_kwargs", {}))}
+    if head_name == "fast":  # a tokenizer file's path becomes the fitted tokenizer the head calls on the host
+        from vlax.build import fast_tokenizer
+
+        head_kwargs["tokenizer"] = fast_tokenizer({**dict(model), "head": "fast"})
     return Pi0Policy(spec, sizes, head_name=head_name, head_kwargs=head_kwargs, rngs=rngs)
 
 
@@ -223,3 +251,10 @@ def build_pi0(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: int, 
 def build_pi05(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: int, rngs: nnx.Rngs) -> Pi0Policy:
     """``model.preset='pi05'``; ``model.head`` swaps the action head (default ``flow_pi05``)."""
     return _build(model, spec, text_vocab_size, rngs, pi05=True)
+
+
+@register("pi0_fast")
+def build_pi0_fast(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: int, rngs: nnx.Rngs) -> Pi0Policy:
+    """``model.preset='pi0_fast'``: PaliGemma with the ``fast`` head (FAST tokens through Gemma's tied LM head,
+    the vocabulary's last ids; ``model.head_kwargs.tokenizer``: a FAST tokenizer file). No action expert."""
+    return _build(model, spec, text_vocab_size, rngs, pi05=False, default="fast")
