@@ -28,6 +28,7 @@ PRESET_MODULES: dict[str, str] = {
     "openvla": "openvla",
     "pi0": "pi0",
     "pi05": "pi0",
+    "pi0_fast": "pi0",
     "roboflamingo": "roboflamingo",
     "smolvla": "smolvla",
 }

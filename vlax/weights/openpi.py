@@ -13,7 +13,8 @@ openpi's released ``checkpoints/<name>/params`` is an orbax PyTree checkpoint (O
   ``action_time_mlp_{in,out}`` (π0) or ``time_mlp_{in,out}`` (π0.5);
 * in fine-tuned checkpoints, LoRA adapters beside the einsum weights (folded into them on import).
 
-The variant is read from the keys (π0, π0.5, or π0-FAST, which has no action expert and is refused here).
+The variant is read from the keys: π0, π0.5, or π0-FAST (PaliGemma alone, loaded with the ``fast`` head, which
+decodes FAST tokens through Gemma's tied LM head; its tokenizer comes from ``model.head_kwargs.tokenizer``).
 
 Example::
 
@@ -197,17 +198,15 @@ def convert_params(flat: Mapping[str, np.ndarray], *, lora_scale: float = 1.0
     """
     flat, folded = fold_lora(flat, attention_scale=lora_scale)
     variant = detect_variant(flat)
-    if variant == "pi0_fast":
-        raise CheckpointError("these params are π0-FAST (PaliGemma without an action expert); the pi0 / pi05 presets "
-                              "load π0 and π0.5 checkpoints only")
     sources: dict[str, str] = {}
     out = _vision_tensors(flat, sources)
     out["backbone.embed_tokens.embedding"] = flat["PaliGemma/llm/embedder/input_embedding"]
     sources["backbone.embed_tokens.embedding"] = "PaliGemma/llm/embedder/input_embedding"
     _norm(flat, "PaliGemma/llm/final_norm", "backbone.norm", True, out, sources)
     out.update(_llm_tensors(flat, "", "backbone.layers", unit_offset=True, sources=sources))
-    out.update(_llm_tensors(flat, "_1", "head.expert.layers", unit_offset=False, sources=sources))
-    _norm(flat, "PaliGemma/llm/final_norm_1", "head.expert.norm", False, out, sources)
+    if variant != "pi0_fast":  # π0-FAST is PaliGemma alone: its head decodes through Gemma's tied LM head
+        out.update(_llm_tensors(flat, "_1", "head.expert.layers", unit_offset=False, sources=sources))
+        _norm(flat, "PaliGemma/llm/final_norm_1", "head.expert.norm", False, out, sources)
     for name in HEAD_PROJECTIONS:
         for leaf in ("kernel", "bias"):
             if f"{name}/{leaf}" in flat:
@@ -245,8 +244,13 @@ def model_config(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
     grid = int(math.isqrt(flat["PaliGemma/img/pos_embedding"].shape[-2]))
     vision = dict(variant=f"So400m/{patch}", width=int(q.shape[1]), depth=int(q.shape[0]), mlp_dim=int(mlp.shape[-1]),
                   num_heads=int(q.shape[2]), image_size=grid * patch)
-    return dict(paligemma_variant=gemma(""), action_expert_variant=gemma("_1"), vision=vision,
-                vocab_size=int(flat["PaliGemma/llm/embedder/input_embedding"].shape[0]), pi05=variant == "pi05")
+    vocab = int(flat["PaliGemma/llm/embedder/input_embedding"].shape[0])
+    if variant == "pi0_fast":
+        # no action expert: the preset's expert sizes are unused by the FAST head, set to the LM's own
+        return dict(paligemma_variant=gemma(""), action_expert_variant=gemma(""), vision=vision, vocab_size=vocab,
+                    pi05=False)
+    return dict(paligemma_variant=gemma(""), action_expert_variant=gemma("_1"), vision=vision, vocab_size=vocab,
+                pi05=variant == "pi05")
 
 
 def load_openpi(path: str | Path, model: Mapping[str, Any], spec, *, dtype=None, shardings: Any = None,
@@ -265,6 +269,16 @@ def load_openpi(path: str | Path, model: Mapping[str, Any], spec, *, dtype=None,
     flat = read_params(path)
     tensors, sources = convert_params(flat, lora_scale=lora_scale)
     found = model_config(flat)
+    head_name, head_kwargs = model.get("head") or None, {}
+    if detect_variant(flat) == "pi0_fast":
+        head_name = head_name or "fast"
+        if head_name != "fast":
+            raise CheckpointError(f"{path} is a π0-FAST checkpoint (no action expert); model.head={head_name!r} "
+                                  "needs one: use model.head='fast'")
+        from vlax.build import fast_tokenizer
+
+        head_kwargs = {**dict(model.get("head_kwargs", {})),
+                       "tokenizer": fast_tokenizer({**dict(model), "head": "fast"})}
     given = dict(dict(model).get("pi0", {}))
     conflicts = {k: (given[k], v) for k, v in found.items() if k in given and k != "vision" and given[k] != v}
     if conflicts:
@@ -272,7 +286,7 @@ def load_openpi(path: str | Path, model: Mapping[str, Any], spec, *, dtype=None,
                               f"{conflicts}; drop those entries to take the checkpoint's")
     model = {**dict(model), "pi0": {**found, **{k: v for k, v in given.items() if k not in found}}}
     sizes = sizes_from_model(model)
-    abstract = nnx.eval_shape(lambda: Pi0Policy(spec, sizes, head_name=model.get("head") or None,
+    abstract = nnx.eval_shape(lambda: Pi0Policy(spec, sizes, head_name=head_name, head_kwargs=head_kwargs,
                                                 rngs=rngs or nnx.Rngs(0)))
     if shardings is not None:
         from vlax.train.finetune import place_array
