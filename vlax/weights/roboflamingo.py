@@ -1,4 +1,5 @@
-"""Import RoboFlamingo's trained weights (converted to safetensors) into a :class:`vlax.presets.roboflamingo.RoboFlamingo`.
+"""Import RoboFlamingo's trained weights (converted to safetensors) into a
+:class:`vlax.presets.roboflamingo.RoboFlamingo`.
 
 RoboFlamingo releases ``.pth`` pickles; convert one first (the only place vlax reads a torch file)::
 
@@ -15,17 +16,14 @@ policy, load CLIP and the LM, then this file::
 
 Names read (after ``module.``):
 
-=========================================================================  ==========================================
-checkpoint                                                                  vlax
-=========================================================================  ==========================================
-``perceiver.latents``                                                       ``resampler.latents``
-``perceiver.layers.{i}.0.{norm_media,norm_latents,to_q,to_kv,to_out}``     ``resampler.layers`` (``to_kv`` -> k, v)
-``perceiver.layers.{i}.1.{0,1,3}`` (LayerNorm, Dense, Dense)                ``resampler.layers.{ff_norm, ff.fc1, fc2}``
-``lang_encoder.gated_cross_attn_layers.{i}.{attn.*, attn_gate, ff.*, ff_gate}``  ``lm.gated_cross_attn_layers`` (i -> i // n)
-``lang_encoder.{transformer.wte, model.embed_tokens}``                      ``lm.lm.embed_tokens``
-``lm_head.rnn.{weight,bias}_{ih,hh}_l{k}``                                  ``head.rnn.{k}.{input,hidden}_proj``
-``lm_head.{actions,gripper}.mlp.{0,2,4,6}``                                 ``head.{actions,gripper}.{layers.*, out}``
-=========================================================================  ==========================================
+* ``perceiver.latents`` -> ``resampler.latents``; ``perceiver.layers.{i}.0.{norm_media, norm_latents, to_q,
+  to_kv, to_out}`` -> ``resampler.layers`` (``to_kv`` split into k, v); ``perceiver.layers.{i}.1.{0, 1, 3}``
+  (LayerNorm, Dense, Dense) -> ``resampler.layers.{ff_norm, ff.fc1, ff.fc2}``; ``perceiver.norm``;
+* ``lang_encoder.gated_cross_attn_layers.{i}.{attn.{norm, to_q, to_kv, to_out}, attn_gate, ff.{0, 1, 3},
+  ff_gate}`` -> ``lm.gated_cross_attn_layers`` (stacked, block ``i // n``);
+* ``lang_encoder.transformer.wte`` (MPT) / ``lang_encoder.model.embed_tokens`` (LLaMA) -> ``lm.lm.embed_tokens``;
+* ``lm_head.rnn.{weight, bias}_{ih, hh}_l{k}`` -> ``head.rnn.{k}.{input, hidden}_proj``;
+  ``lm_head.{actions, gripper}.mlp.{0, 2, 4, 6}`` -> ``head.{actions, gripper}.{layers.*, out}``.
 
 Cross-attention blocks sit at decoder layers ``i`` with ``(i + 1) % n == 0``; the second names OpenFlamingo gives
 them (``lang_encoder.{transformer.blocks,model.layers}.{i}.gated_cross_attn_layer.*``) must equal the first and are
