@@ -94,7 +94,8 @@ def data_config(cfg: ml_collections.ConfigDict, *, train: bool, split: str, stat
     return vdata.DataConfig(
         batch_size=cfg.data.batch_size // jax.process_count(), action_horizon=cfg.data.action_horizon,
         window=int(cfg.data.get("obs_history", 1)),
-        image_size=cfg.data.image_size, normalization=cfg.data.normalization, augment=cfg.data.augment,
+        image_size=cfg.data.image_size, image_resize=str(cfg.data.get("image_resize", "stretch")),
+        normalization=cfg.data.normalization, augment=cfg.data.augment,
         shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, train=train, split=split,
         val_fraction=float(cfg.data.get("val_fraction", 0.0)), max_action_dim=action_dim, max_state_dim=state_dim,
         drop_remainder=train)

@@ -28,19 +28,21 @@ def trajectories(rng) -> list[dict]:
     return trajs
 
 
-@pytest.mark.parametrize("prompt,normalization", [("plain", "bounds"), ("pi05", "normal")])
-def test_training_batch_and_raw_observation_give_identical_model_inputs(prompt, normalization):
+@pytest.mark.parametrize("prompt,normalization,resize", [("plain", "bounds", "stretch"), ("pi05", "normal", "stretch"),
+                                                        ("plain", "bounds", "pad")])
+def test_training_batch_and_raw_observation_give_identical_model_inputs(prompt, normalization, resize):
     trajs = trajectories(np.random.default_rng(0))
     source = InMemorySource("arm", trajs, gripper_last=True)
     spec = PolicySpec(cameras=("top", "wrist"), image_size=32, state_dim=5, action_dim=3, horizon=2,
-                      max_text_len=48)
+                      max_text_len=48, image_resize=resize)
     tokenizer = ByteTokenizer()
 
     def tokenize(instructions, states, state_dims=None):  # the function experiments/train.py hands the pipeline
         return tokenize_prompts(tokenizer, prompt, instructions, spec.max_text_len, states, state_dims)
 
     config = DataConfig(batch_size=4, action_horizon=2, image_size=32, normalization=normalization, train=False,
-                        drop_remainder=False, stats_cache_dir=None, max_state_dim=5)  # 2 padded state dims
+                        drop_remainder=False, stats_cache_dir=None, max_state_dim=5,  # 2 padded state dims
+                        image_resize=resize)
     data = build_pipeline([source], config, tokenize=tokenize, process_index=0, process_count=1)
     pipeline = ObservationPipeline(spec, tokenizer, data.artifacts, prompt=prompt)
     artifact = pipeline.artifact
@@ -64,3 +66,29 @@ def test_training_batch_and_raw_observation_give_identical_model_inputs(prompt, 
             np.testing.assert_array_equal(served["text_ids"], real[0])
             seen += 1
     assert seen == sum(len(t["action"]) for t in trajs)  # every step of both episodes compared
+
+
+def test_pad_resize_keeps_the_aspect_ratio_as_lerobots_smolvla_does():
+    """A 48x80 frame to 32x32 in "pad" mode: resized to 19x32 (bilinear, no antialiasing), 13 zero rows on top;
+    the tf op (training and inference), its JAX twin and SmolVLA's in-model float resize agree."""
+    from vlax.observation import resize_frames
+    from vlax.presets.smolvla import resize_with_pad
+
+    frames = np.random.default_rng(1).integers(0, 256, (2, 48, 80, 3), np.uint8)
+    tf_out = resize_frames(frames, (32, 32), "tf", "pad")
+    jax_out = resize_frames(frames, (32, 32), "jax", "pad")
+    assert tf_out.shape == (2, 32, 32, 3) and not tf_out[:, :13].any() and tf_out[:, 13:].any()
+    assert np.abs(tf_out.astype(int) - jax_out.astype(int)).max() <= 1
+    reference = np.asarray(resize_with_pad(frames.astype(np.float32) / 255, 32, 32)) * 255
+    assert np.abs(tf_out - reference).max() <= 0.5 + 1e-3  # the uint8 rounding, nothing more
+    stretched = resize_frames(frames, (32, 32), "tf", "stretch")
+    assert stretched[:, :13].any()
+
+
+def test_unknown_resize_mode_names_the_known_ones():
+    with pytest.raises(ValueError, match="'letterbox'.*'stretch', 'pad'"):
+        PolicySpec(cameras=("top",), image_size=32, state_dim=1, action_dim=1, horizon=1, max_text_len=4,
+                   image_resize="letterbox")
+    with pytest.raises(ValueError, match="data.image_resize"):
+        build_pipeline([InMemorySource("arm", trajectories(np.random.default_rng(0)))],
+                       DataConfig(image_resize="letterbox"), process_index=0, process_count=1)

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from vlax.data.normalization import NormalizationArtifact
+from vlax.data.resize import check_resize_mode, padded_extent
 from vlax.policy import PolicySpec
 from vlax.prompts import get_prompt, tokenize_prompts
 from vlax.tokenizers import Tokenizer, tokenizer_from_json
@@ -34,30 +35,37 @@ from vlax.tokenizers import Tokenizer, tokenizer_from_json
 RESIZE_BACKENDS = ("tf", "jax")
 
 
-def resize_frames(frames: np.ndarray, size: tuple[int, int], backend: str = "tf") -> np.ndarray:
-    """``uint8 [B, h, w, 3]`` -> ``uint8 [B, H, W, 3]``, as the training pipeline resizes decoded frames."""
+def resize_frames(frames: np.ndarray, size: tuple[int, int], backend: str = "tf",
+                  mode: str = "stretch") -> np.ndarray:
+    """``uint8 [B, h, w, 3]`` -> ``uint8 [B, H, W, 3]``, as the training pipeline resizes decoded frames
+    (``mode``: ``"stretch"`` or ``"pad"``, see :mod:`vlax.data.resize`)."""
     frames = np.asarray(frames)
+    check_resize_mode(mode)
     if frames.shape[1:3] == tuple(size):
         return frames.astype(np.uint8)
     if backend == "tf":
         from vlax.data.frame_transforms import decode_and_resize_image
 
-        return np.asarray(decode_and_resize_image(frames.astype(np.uint8), size))
+        return np.asarray(decode_and_resize_image(frames.astype(np.uint8), size, mode))
     if backend == "jax":
-        return np.asarray(_jax_resize(tuple(int(s) for s in size))(frames))
+        return np.asarray(_jax_resize(tuple(int(s) for s in size), frames.shape[1:3], mode)(frames))
     raise ValueError(f"resize backend {backend!r}; known: {list(RESIZE_BACKENDS)}")
 
 
 @functools.lru_cache(maxsize=None)
-def _jax_resize(size: tuple[int, int]):
+def _jax_resize(size: tuple[int, int], frame_size: tuple[int, int], mode: str):
     import jax
     import jax.numpy as jnp
 
+    inner = padded_extent(*frame_size, size) if mode == "pad" else size
+
     @jax.jit
     def resize(frames):
-        shape = (frames.shape[0], *size, frames.shape[-1])
-        resized = jax.image.resize(frames.astype(jnp.float32), shape, method="bilinear", antialias=True)
-        return jnp.clip(jnp.round(resized), 0, 255).astype(jnp.uint8)
+        shape = (frames.shape[0], *inner, frames.shape[-1])
+        resized = jax.image.resize(frames.astype(jnp.float32), shape, method="bilinear", antialias=mode != "pad")
+        resized = jnp.clip(jnp.round(resized), 0, 255).astype(jnp.uint8)
+        pads = ((0, 0), (size[0] - inner[0], 0), (size[1] - inner[1], 0), (0, 0))
+        return jnp.pad(resized, pads)
 
     return resize
 
@@ -166,9 +174,10 @@ class ObservationPipeline:
                 raise ValueError(f"camera {camera!r}: frames must be uint8 {shape}, got {frames.dtype} "
                                  f"{list(frames.shape)}")
             if history == 1:
-                out_images[camera] = resize_frames(frames, size, self.resize_backend)
+                out_images[camera] = resize_frames(frames, size, self.resize_backend, self.spec.image_resize)
             else:
-                flat = resize_frames(frames.reshape(-1, *frames.shape[2:]), size, self.resize_backend)
+                flat = resize_frames(frames.reshape(-1, *frames.shape[2:]), size, self.resize_backend,
+                                     self.spec.image_resize)
                 out_images[camera] = flat.reshape(*frames.shape[:2], *flat.shape[1:])
         empty = (len(prompts), 0) if history == 1 else (len(prompts), history, 0)
         state = np.asarray(raw.get("state", np.zeros(empty, np.float32)), np.float32)

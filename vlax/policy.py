@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlax.data.resize import check_resize_mode
 from vlax.heads import BinTokenizer
 from vlax.nn import ContextSpec, Dense, HeadContext, param
 
@@ -52,8 +53,12 @@ class PolicySpec:
     # Observation steps the policy sees (the current one and the obs_history - 1 before it). Above 1, images are
     # [B, T, h, w, 3] and the state [B, T, S], oldest first, episode starts padded by repeating the first frame.
     obs_history: int = 1
+    # How frames of another shape reach image_size: "stretch" or "pad" (aspect kept, zeros left and top), the
+    # same op in the training pipeline and at inference (vlax.data.resize).
+    image_resize: str = "stretch"
 
     def __post_init__(self):
+        check_resize_mode(self.image_resize)
         if self.obs_history < 1:
             raise ValueError(f"obs_history={self.obs_history}; a policy sees at least the current observation (1)")
         if self.state_input not in STATE_INPUTS:

@@ -45,6 +45,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.workdir = "runs/smolvla"
     chunk = sizes.pop("chunk_size")
     c.data.image_size = sizes["resize_imgs_with_padding"][0]
+    c.data.image_resize = "pad"                    # aspect kept, zeros left and top (resize_imgs_with_padding)
     c.data.action_horizon = chunk
     c.data.normalization = "normal"                # LeRobot's MEAN_STD for state and action
     c.data.max_state_dim = sizes["max_state_dim"]  # SmolVLA zero-pads state and actions

@@ -12,6 +12,8 @@ import dataclasses
 
 import tensorflow as tf
 
+from vlax.data.resize import check_resize_mode, padded_extent
+
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
@@ -25,38 +27,59 @@ class AugmentConfig:
     hue: float = 0.05  # max hue delta (fraction of the colour circle)
 
 
-def _decode_one(encoded: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
+def _decode_one(encoded: tf.Tensor, size: tuple[int, int], mode: str) -> tf.Tensor:
     def decode():
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
         image.set_shape([None, None, 3])
-        return _resize(image, size)
+        return _resize(image, size, mode)
 
     return tf.cond(tf.strings.length(encoded) > 0, decode, lambda: tf.zeros([*size, 3], tf.uint8))
 
 
-def _resize(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
+def _resize(image: tf.Tensor, size: tuple[int, int], mode: str = "stretch") -> tf.Tensor:
     if image.shape[-3:-1] == tuple(size):
         return tf.cast(image, tf.uint8)
+    if mode == "pad":
+        return _resize_with_pad(image, size)
     resized = tf.image.resize(image, size, method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
-def decode_and_resize_image(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
-    """Encoded string [...] or uint8 [..., h, w, 3] -> uint8 [..., H, W, 3]; empty strings give zeros."""
+def _resize_with_pad(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
+    """``[..., h, w, 3]`` -> ``[..., H, W, 3]`` keeping the aspect ratio, zeros on the left and top."""
+    if image.shape[-3] is not None and image.shape[-2] is not None:
+        rh, rw = padded_extent(int(image.shape[-3]), int(image.shape[-2]), size)
+    else:  # a decoded frame of unknown static shape: the same arithmetic on the dynamic one
+        shape = tf.cast(tf.shape(image)[-3:-1], tf.float64)
+        ratio = tf.maximum(shape[1] / size[1], shape[0] / size[0])
+        rh, rw = tf.cast(shape[0] / ratio, tf.int32), tf.cast(shape[1] / ratio, tf.int32)
+    resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([rh, rw]), method="bilinear", antialias=False)
+    resized = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+    rank = len(image.shape)
+    pads = [[0, 0]] * (rank - 3) + [[size[0] - rh, 0], [size[1] - rw, 0], [0, 0]]
+    padded = tf.pad(resized, pads)
+    return tf.ensure_shape(padded, [*image.shape[:-3], size[0], size[1], 3])
+
+
+def decode_and_resize_image(image: tf.Tensor, size: tuple[int, int], mode: str = "stretch") -> tf.Tensor:
+    """Encoded string [...] or uint8 [..., h, w, 3] -> uint8 [..., H, W, 3]; empty strings give zeros. ``mode``:
+    one of :data:`vlax.data.resize.RESIZE_MODES`."""
     size = tuple(int(s) for s in size)
+    check_resize_mode(mode)
     if image.dtype == tf.string:
         if image.shape.rank == 0:
-            return _decode_one(image, size)
+            return _decode_one(image, size, mode)
         flat = tf.reshape(image, [-1])
         decoded = tf.map_fn(
-            lambda e: _decode_one(e, size), flat, fn_output_signature=tf.TensorSpec([*size, 3], tf.uint8)
+            lambda e: _decode_one(e, size, mode), flat, fn_output_signature=tf.TensorSpec([*size, 3], tf.uint8)
         )
         return tf.reshape(decoded, tf.concat([tf.shape(image), [size[0], size[1], 3]], axis=0))
-    return _resize(image, size)
+    return _resize(image, size, mode)
 
 
-def decode_and_resize(frame: dict, image_sizes: dict[str, tuple[int, int]]) -> dict:
-    """Decodes and resizes every ``image_<camera>`` under ``observation`` and ``task``.
+def decode_and_resize(frame: dict, image_sizes: dict[str, tuple[int, int]], mode: str = "stretch") -> dict:
+    """Decodes and resizes every ``image_<camera>`` under ``observation`` and ``task`` (``mode``: see
+    :data:`vlax.data.resize.RESIZE_MODES`).
 
     ``image_sizes`` maps the camera name (without ``image_``) to (H, W); a missing camera raises naming the known ones.
     """
@@ -69,7 +92,7 @@ def decode_and_resize(frame: dict, image_sizes: dict[str, tuple[int, int]]) -> d
             camera = key[len("image_") :]
             if camera not in image_sizes:
                 raise ValueError(f"No image size for camera {camera!r}; image_sizes has {sorted(image_sizes)}")
-            entries[key] = decode_and_resize_image(entries[key], image_sizes[camera])
+            entries[key] = decode_and_resize_image(entries[key], image_sizes[camera], mode)
         frame[group] = entries
     return frame
 

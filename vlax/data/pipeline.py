@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from vlax.data import frame_transforms, mixture, normalization, sources, traj_transforms
+from vlax.data.resize import check_resize_mode
 from vlax.data.rlds_reader import raise_for_corrupted
 
 # Salts that keep the random streams of the different stages apart.
@@ -27,6 +28,7 @@ class DataConfig:
     window: int = 1  # observation window W
     action_horizon: int = 1  # action chunk H
     image_size: int | Mapping[str, tuple[int, int]] = 128  # square size for every camera, or camera -> (H, W)
+    image_resize: str = "stretch"  # frames of another shape: stretch | pad (vlax.data.resize)
     normalization: str = "bounds"  # normal | bounds | min_max | none
     normalization_masks: Mapping[str, tuple[bool, ...]] | None = None  # default: all dims but the gripper
     max_action_dim: int | None = None  # pad actions to this (default: the largest over the sources)
@@ -204,7 +206,7 @@ def frame_transforms_fn(config: DataConfig, cameras: Sequence[str]):
     sizes = _image_sizes(config, cameras)
 
     def transform(index, frame):
-        frame = frame_transforms.decode_and_resize(frame, sizes)
+        frame = frame_transforms.decode_and_resize(frame, sizes, config.image_resize)
         if config.train and config.augment:
             frame = frame_transforms.augment(frame, _seed(config.seed, _SALT_AUGMENT, index), config.augment_config)
         return frame
@@ -268,6 +270,7 @@ def build_pipeline(
     """
     if not data_sources:
         raise ValueError("build_pipeline needs at least one source")
+    check_resize_mode(config.image_resize)
     names = [s.name for s in data_sources]
     if len(set(names)) != len(names):
         raise ValueError(f"Source names must be distinct, got {names}")
@@ -311,7 +314,8 @@ def build_pipeline(
         # shuffle buffer then holds decoded frames, so it costs more memory than in an all-RLDS mixture.
         sizes = _image_sizes(config, cameras)
         frame_datasets = [
-            ds.map(lambda f: frame_transforms.decode_and_resize(f, sizes), num_parallel_calls=tf.data.AUTOTUNE)
+            ds.map(lambda f: frame_transforms.decode_and_resize(f, sizes, config.image_resize),
+                   num_parallel_calls=tf.data.AUTOTUNE)
             for ds in frame_datasets
         ]
     ds = mixture.sample_mixture(frame_datasets, probabilities, seed=config.seed)

@@ -36,6 +36,7 @@ from flax import nnx
 
 from vlax.backbones import Transformer
 from vlax.backbones.config import TransformerConfig
+from vlax.data.resize import padded_extent
 from vlax.encoders.pixel_shuffle import PixelShuffleConnector, num_tokens
 from vlax.encoders.vit import ViT, ViTConfig
 from vlax.heads import get_head
@@ -141,8 +142,7 @@ def resize_with_pad(images: jax.Array, height: int, width: int) -> jax.Array:
     b, h, w, c = images.shape
     if (h, w) == (height, width):
         return images
-    ratio = max(w / width, h / height)
-    rh, rw = int(h / ratio), int(w / ratio)
+    rh, rw = padded_extent(h, w, (height, width))
     resized = jax.image.resize(images, (b, rh, rw, c), method="bilinear", antialias=False)
     return jnp.pad(resized, ((0, 0), (height - rh, 0), (width - rw, 0), (0, 0)))
 

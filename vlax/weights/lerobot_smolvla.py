@@ -191,7 +191,7 @@ def load_smolvla(path: str | Path, *, head: str = "flow_smolvla", rngs: nnx.Rngs
     sizes = sizes_from_model(model)
     spec = PolicySpec(cameras=cameras, image_size=sizes.resize[0], state_dim=model["state_dim"],
                       action_dim=model["action_dim"], horizon=int(config["chunk_size"]),
-                      max_text_len=model["max_text_len"], state_input="prefix")
+                      max_text_len=model["max_text_len"], state_input="prefix", image_resize="pad")
     feature_dim(config, "observation.state")  # a config without a state feature is named here
     if head == "flow_smolvla":
         policy = nnx.eval_shape(lambda: SmolVLAPolicy(spec, sizes, rngs=nnx.Rngs(0)))
