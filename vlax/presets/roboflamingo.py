@@ -152,15 +152,20 @@ def settings(model: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_parts(options: Mapping[str, Any], text_vocab_size: int, rngs: nnx.Rngs
+def build_parts(options: Mapping[str, Any], text_vocab_size: int, rngs: nnx.Rngs, dtype: str | None = None
                 ) -> tuple[ViT, PerceiverResampler, FlamingoLM]:
-    """The vision tower, resampler and cross-attended LM ``options`` (see :func:`settings`) describe."""
+    """The vision tower, resampler and cross-attended LM ``options`` (see :func:`settings`) describe. ``dtype``
+    (e.g. ``"bfloat16"``) is the compute dtype of CLIP and the LM; the resampler, the cross-attention blocks and
+    the head compute in the dtype of what they receive. Parameters stay float32."""
     vision_kw = dict(options["vision"])
+    if dtype is not None:
+        vision_kw.setdefault("dtype", dtype)
     vision = ViT(clip_config(vision_kw.pop("variant"), vision_kw.pop("image_size"), **vision_kw), rngs=rngs)
     width = vision.config.width
     resampler = PerceiverResampler(width, rngs=rngs, **dict(options["resampler"]))
     lm_kw = dict(options["lm"])
-    overrides = {"tie_embeddings": True, **dict(lm_kw.get("overrides", {}))}
+    overrides = {"tie_embeddings": True, **({"dtype": jnp.dtype(dtype)} if dtype else {}),
+                 **dict(lm_kw.get("overrides", {}))}
     vocab = int(overrides.get("vocab_size", 0) or text_vocab_size)
     if vocab < text_vocab_size:
         raise ValueError(f"model.roboflamingo.lm.overrides.vocab_size={vocab} is smaller than the tokenizer's "
@@ -176,7 +181,8 @@ def build_parts(options: Mapping[str, Any], text_vocab_size: int, rngs: nnx.Rngs
 def build(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: int, rngs: nnx.Rngs) -> RoboFlamingo:
     """``model.roboflamingo``: ``vision`` (``variant``, ``image_size`` and ViTConfig fields), ``resampler``
     (PerceiverResampler keywords), ``lm`` (``backbone`` config name, ``overrides``), ``cross_attn_every``,
-    ``cross_attn`` (block keywords); ``model.head`` / ``head_kwargs`` / ``head_defaults`` as for every policy."""
+    ``cross_attn`` (block keywords); ``model.dtype``; ``model.head`` / ``head_kwargs`` / ``head_defaults`` as for
+    every policy."""
     check_spec(spec)
     options = settings(model)
     head_name = model["head"]
@@ -186,7 +192,8 @@ def build(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: int, rngs
                    **dict(model.get("head_kwargs", {}))}
     if spec.state_input == "head" and "state_dim" in inspect.signature(head_class(head_name)[0]).parameters:
         head_kwargs.setdefault("state_dim", spec.state_dim)
-    vision, resampler, lm = build_parts(options, text_vocab_size, rngs)
+    dtype = None if model.get("dtype") in (None, "float32") else str(model["dtype"])
+    vision, resampler, lm = build_parts(options, text_vocab_size, rngs, dtype)
     head = get_head(head_name, action_dim=spec.action_dim, horizon=spec.horizon,
                     context=ContextSpec(width=lm.config.width), rngs=rngs, **head_kwargs)
     return RoboFlamingo(spec, vision=vision, resampler=resampler, lm=lm, head=head)
