@@ -40,6 +40,9 @@ class PolicyRunner:
             return nnx.merge(graphdef, state).sample(obs, rngs=key, num_steps=num_steps, **kwargs)
 
         self._sample = sample
+        # a policy with a slow plan step (Helix's S2): sample(..., plan=...) is its fast step
+        self.plan_every = int(getattr(model, "plan_every", 0) or 0) if hasattr(model, "plan") else 0
+        self._plan = jax.jit(lambda state, obs: nnx.merge(graphdef, state).plan(obs)) if self.plan_every else None
 
     @property
     def spec(self):
@@ -88,6 +91,28 @@ class PolicyRunner:
         """Normalized actions ``[B, H, A]`` from model inputs (:meth:`ObservationPipeline.model_inputs`); jitted.
         ``sample_kwargs`` (arrays) go to the head's ``sample``."""
         return self._sample(self._state, inputs, rng, sample_kwargs)
+
+    @property
+    def plans(self) -> bool:
+        """Whether the policy has a separate slow plan step (see :mod:`vlax.dual_rate`)."""
+        return self._plan is not None
+
+    def plan_normalized(self, inputs: dict) -> Any:
+        """The policy's plan for model inputs (jitted); pass it on as ``sample_normalized(..., plan=plan)``."""
+        if self._plan is None:
+            raise ValueError("this policy has no plan step; sample_normalized runs it whole")
+        return self._plan(self._state, inputs)
+
+    def dual_rate(self, *, plan_every: int | None = None, asynchronous: bool = False) -> Any:
+        """A :class:`vlax.dual_rate.DualRateExecutor` over this policy's plan and act steps (normalized actions
+        ``[B, H, A]`` per act step); ``plan_every`` defaults to the policy's own."""
+        from vlax.dual_rate import DualRateExecutor
+
+        if self._plan is None:
+            raise ValueError("this policy has no plan step to run at a lower rate")
+        return DualRateExecutor(self.plan_normalized,
+                                lambda inputs, plan, key: self.sample_normalized(inputs, key, plan=plan),
+                                plan_every=plan_every or self.plan_every, asynchronous=asynchronous)
 
     def next_key(self) -> jax.Array:
         """A fresh key per call: ``fold_in(key(seed), call index)``."""

@@ -25,11 +25,13 @@ PresetBuilder = Callable[..., Any]
 PRESET_MODULES: dict[str, str] = {
     "act": "act",
     "diffusion_policy": "diffusion_policy",
+    "helix": "helix",
     "openvla": "openvla",
     "pi0": "pi0",
     "pi05": "pi0",
     "pi0_fast": "pi0",
     "roboflamingo": "roboflamingo",
+    "rt2": "rt2",
     "smolvla": "smolvla",
 }
 
