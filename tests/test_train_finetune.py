@@ -93,3 +93,20 @@ def test_transplant_sharded_places_copies_keeps_reinit_and_calls_only_used_loade
     tree = place_on_shardings({"a": lambda: np.ones((8, 2)), "b": np.zeros(3)},
                               {"a": sharded, "b": NamedSharding(mesh, P())})
     assert tree["a"].sharding == sharded and np.asarray(tree["a"]).sum() == 16
+
+
+def test_a_lora_model_starts_from_a_plain_checkpoint():
+    # vlax.nn.apply_lora moves a Dense's weights under base/ and adds lora_a / lora_b: the plain checkpoint fills
+    # base/, the adapters keep their fresh values (lora_b = 0: the model computes what the checkpoint did)
+    old = {"backbone": {"q_proj": {"kernel": np.full((4, 6), 2.0)}, "norm": {"scale": np.ones(4)}}}
+    new = {"backbone": {"q_proj": {"base": {"kernel": np.zeros((4, 6))}, "lora_a": np.full((4, 2), 0.5),
+                                   "lora_b": np.zeros((2, 6))}, "norm": {"scale": np.zeros(4)}}}
+    params, reinit, unused = transplant(new, old)
+    np.testing.assert_array_equal(params["backbone"]["q_proj"]["base"]["kernel"], np.full((4, 6), 2.0))
+    np.testing.assert_array_equal(params["backbone"]["q_proj"]["lora_a"], np.full((4, 2), 0.5))
+    assert reinit == ["backbone/q_proj/lora_a", "backbone/q_proj/lora_b"] and unused == []
+    sharding = NamedSharding(make_mesh(1, 1, 1, devices=jax.devices()[:1]), P())
+    target = jax.tree.map(lambda x: jax.device_put(x, sharding), new)
+    placed, reinit, unused = transplant_sharded(target, old)
+    np.testing.assert_array_equal(np.asarray(placed["backbone"]["q_proj"]["base"]["kernel"]), np.full((4, 6), 2.0))
+    assert reinit == ["backbone/q_proj/lora_a", "backbone/q_proj/lora_b"] and unused == []

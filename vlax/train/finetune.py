@@ -1,7 +1,8 @@
 """Start a run from another run's parameters when the model differs (new head, other action dimension).
 
-Parameters whose path matches the ``reinit`` regex keep their fresh initialisation and are listed; every other
-parameter must exist in the checkpoint with the same shape, or the transplant fails naming it (silent shape
+Parameters whose path matches the ``reinit`` regex keep their fresh initialisation and are listed (so do LoRA
+adapters the checkpoint lacks; a LoRA-wrapped layer's ``base/`` weights come from the checkpoint's plain layer);
+every other parameter must exist in the checkpoint with the same shape, or the transplant fails naming it (silent shape
 mismatches broke fine-tuning in other VLA code bases).
 
 :func:`transplant` works on host trees (small models). :func:`transplant_sharded` and :func:`place_on_shardings`
@@ -28,6 +29,21 @@ def _flat(tree: Any) -> dict[str, Any]:
     return {_name(path): v for path, v in leaves}
 
 
+# A Dense wrapped by vlax.nn.apply_lora keeps its weights under `base/`; its adapters start fresh (lora_b = 0, so
+# the wrapped layer computes exactly what the checkpoint's plain layer did).
+_LORA_BASE = re.compile(r"^(.*)/base/(kernel|bias)$")
+_LORA_ADAPTER = re.compile(r"/lora_[ab]$")
+
+
+def _source_name(name: str, old: Mapping[str, Any]) -> str | None:
+    """The checkpoint path holding the target ``name`` (a LoRA-wrapped layer reads its plain layer's), or None."""
+    if name in old:
+        return name
+    m = _LORA_BASE.match(name)
+    plain = f"{m.group(1)}/{m.group(2)}" if m else None
+    return plain if plain in old else None
+
+
 def _is_source_leaf(x: Any) -> bool:
     # loaders and lazily sliced arrays (np.memmap, safetensors slices) are leaves, not pytrees to descend into
     return callable(x) or (hasattr(x, "shape") and not isinstance(x, Mapping))
@@ -42,17 +58,20 @@ def transplant(new_params: Any, old_params: Any, reinit: str = "") -> tuple[Any,
 
     def pick(path, new_value):
         name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-        if pattern is not None and pattern.search(name):
+        source = _source_name(name, old)
+        if (pattern is not None and pattern.search(name)) or (source is None and _LORA_ADAPTER.search(name)):
             reinitialised.append(name)
             return new_value
-        if name not in old:
+        if source is None:
             problems.append(f"{name} {tuple(np.shape(new_value))} is not in the checkpoint")
             return new_value
-        if tuple(np.shape(old[name])) != tuple(np.shape(new_value)):
-            problems.append(f"{name}: checkpoint {tuple(np.shape(old[name]))} vs model {tuple(np.shape(new_value))}")
+        if tuple(np.shape(old[source])) != tuple(np.shape(new_value)):
+            problems.append(f"{name}: checkpoint {tuple(np.shape(old[source]))} vs model "
+                            f"{tuple(np.shape(new_value))}")
             return new_value
-        taken.add(name)
-        return np.asarray(old[name]).astype(np.asarray(new_value).dtype) if hasattr(new_value, "dtype") else old[name]
+        taken.add(source)
+        value = old[source]
+        return np.asarray(value).astype(np.asarray(new_value).dtype) if hasattr(new_value, "dtype") else value
 
     params = jax.tree_util.tree_map_with_path(pick, new_params)
     if problems:
@@ -132,31 +151,33 @@ def transplant_sharded(target: Any, source: Mapping[str, Any], reinit: str = "",
     old = _flat(source)
     new = _flat(target)
     layout = _flat(shardings) if shardings is not None else {n: getattr(v, "sharding", None) for n, v in new.items()}
-    reinitialised, problems, taken = [], [], set()
+    reinitialised, problems, taken = [], [], {}
     for name, value in new.items():
-        if pattern is not None and pattern.search(name):
+        source = _source_name(name, old)
+        if (pattern is not None and pattern.search(name)) or (source is None and _LORA_ADAPTER.search(name)):
             reinitialised.append(name)
             if not isinstance(value, jax.Array):
                 problems.append(f"{name} matches reinit but the target has no initialised value (pass arrays)")
             continue
-        if name not in old:
+        if source is None:
             problems.append(f"{name} {tuple(np.shape(value))} is not in the checkpoint")
             continue
-        shape = _source_shape(old[name])
+        shape = _source_shape(old[source])
         if shape is not None and shape != tuple(value.shape):
             problems.append(f"{name}: checkpoint {shape} vs model {tuple(value.shape)}")
             continue
         if layout.get(name) is None:
             problems.append(f"{name} has no sharding; pass shardings= or sharded target arrays")
-        taken.add(name)
+        taken[name] = source
     if problems:
         raise ValueError("cannot load the checkpoint into this model; re-initialise these with --config.finetune."
                          "reinit=<regex> or fix the config:\n  " + "\n  ".join(problems))
     placed = {}
     for name, value in new.items():
         if name in taken:  # one array at a time: loaded, cut into this process's shards, released
-            placed[name] = place_array(old[name], layout[name], value.dtype, name=name, shape=tuple(value.shape))
+            placed[name] = place_array(old[taken[name]], layout[name], value.dtype, name=name,
+                                       shape=tuple(value.shape))
         else:
             placed[name] = value
     params = jax.tree_util.tree_map_with_path(lambda path, _: placed[_name(path)], target)
-    return params, sorted(reinitialised), sorted(set(old) - taken)
+    return params, sorted(reinitialised), sorted(set(old) - set(taken.values()))
