@@ -148,6 +148,11 @@ def test_what_the_layout_cannot_hold_is_refused(round_trips, tmp_path):
                                                 nnx.Rngs(0)))
     with pytest.raises(CheckpointError, match="flow head.*ChunkHead"):
         export_lerobot_pi0(chunk, tmp_path / "x", normalization=norm)
+    lora = configs.get_config("tiny_lora")
+    lora.data.image_size = lora.model.pi0.vision.image_size = 28
+    adapted = nnx.eval_shape(lambda: build_policy(lora.model, policy_spec(lora, cameras=("top",)), 0, nnx.Rngs(0)))
+    with pytest.raises(CheckpointError, match="LoRA adapters .*merge_lora"):
+        export_lerobot_pi0(adapted, tmp_path / "z", normalization=norm)
     import dataclasses
 
     with pytest.raises(CheckpointError, match="normalization type 'none'"):

@@ -27,7 +27,7 @@ import numpy as np
 
 from vlax.data.normalization import STAT_NAMES, NormalizationArtifact
 from vlax.presets.pi0 import GEMMA_VARIANTS, Pi0Policy
-from vlax.weights.common import CheckpointError, to_numpy_flat
+from vlax.weights.common import CheckpointError, param_shapes, to_numpy_flat
 from vlax.weights.lerobot_pi0 import EXPERT, LANGUAGE, PALIGEMMA, PROJECTIONS, PROJECTOR, VISION
 
 # vlax normalization type -> LeRobot's mode
@@ -48,6 +48,10 @@ def _torch_name(path: str) -> str:
 
 def lerobot_tensors(policy: Pi0Policy) -> dict[str, np.ndarray]:
     """``{LeRobot state-dict name: array}`` of the policy (per-layer tensors unstacked)."""
+    adapters = [k for k in param_shapes(policy) if ".lora_" in k]
+    if adapters:
+        raise CheckpointError(f"the policy carries LoRA adapters ({adapters[0]}, ...); LeRobot's layout has none: "
+                              "fold them into the base weights first with vlax.nn.merge_lora(policy)")
     flat = to_numpy_flat(policy)
     out: dict[str, np.ndarray] = {}
 
@@ -193,6 +197,8 @@ def export_lerobot_pi0(policy: Pi0Policy, path: str | Path, *, normalization: No
     from safetensors.numpy import save_file
 
     spec, kind = policy.spec, "pi05" if policy.sizes.pi05 else "pi0"
+    if any(".lora_" in k for k in param_shapes(policy)):
+        lerobot_tensors(policy)  # names the adapters and the fix
     if type(policy.head).__name__ != "FlowHead":
         raise CheckpointError(f"LeRobot's {kind.upper()} layout holds the flow head; this policy's head is "
                               f"{type(policy.head).__name__}")

@@ -88,6 +88,9 @@ def openpi_params(tensors: Mapping[str, np.ndarray], *, vision_heads: int, heads
     """
     from vlax.weights.openpi import HEAD_PROJECTIONS
 
+    adapters = [k for k in tensors if ".lora_" in k]
+    if adapters:
+        raise CheckpointError(f"LoRA adapters ({adapters[0]}, ...): fold them first with vlax.nn.merge_lora(policy)")
     out: dict[str, np.ndarray] = {}
     _vision(tensors, vision_heads, out)
     out["PaliGemma/llm/embedder/input_embedding"] = tensors["backbone.embed_tokens.embedding"]
