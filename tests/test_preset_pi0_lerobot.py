@@ -37,8 +37,8 @@ def _config(variant: str, workdir: Path) -> ml_collections.ConfigDict:
 
 
 # π0 with LoRA on the PaliGemma LM and the full expert (openpi's LoRA fine-tuning); π0.5 builds through the same
-# trainer path and its model is covered by the parity tests (each run compiles a train step: ~50 s on a loaded
-# 2-core machine; the 40 steps themselves take ~2 s)
+# trainer path and its model is covered by the parity tests (69 s on an idle 2-core machine, almost all of it the
+# trainer's compile and cost analysis of one train step and the runner's sampler; the 40 steps take ~2 s)
 def test_lora_finetune_on_lerobot_fixture_then_act(tmp_path):
     from experiments.train import train
     from vlax.inference import PolicyRunner
