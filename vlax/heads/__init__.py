@@ -18,6 +18,7 @@ from vlax.heads.diffusion import ConditionalUnet1D, DiffusionHead, MLPResNetDeno
 from vlax.heads.execution import ActionQueue, EnsembleState, TemporalEnsembler
 from vlax.heads.fast import FastHead
 from vlax.heads.flow import FlowHead, Pi0Expert, SmolVLAExpert
+from vlax.heads.l1_map import L1MapHead
 from vlax.heads.l1_mlp import L1MLPHead
 from vlax.heads.lstm import LSTMHead
 from vlax.nn.head_base import ActionHead, combine_masks, split_rngs
@@ -32,6 +33,8 @@ HEADS: dict[str, Callable[..., ActionHead]] = {
     "binned": functools.partial(BinnedHead, mode="parallel"),
     # OpenVLA-OFT: L1-regression MLP-ResNet on the LLM's action-slot states, a whole chunk in one pass.
     "l1_mlp": L1MLPHead,
+    # Octo's L1ActionHead: attention-pooled readouts -> one linear map -> tanh squash to +-5, L1 loss.
+    "l1_map": L1MapHead,
     # ACT: L1 regression of the chunk from learned queries; with its CVAE.
     "chunk": ChunkHead,
     "chunk_cvae": functools.partial(ChunkHead, cvae=True),
@@ -82,6 +85,7 @@ def to_linen(name: str, **kwargs) -> nnx.bridge.ToLinen:
 
 __all__ = ["HEADS", "get_head", "head_class", "to_linen", "ActionHead", "BinTokenizer", "BinnedHead", "ChunkHead",
            "ACTDecoderHead", "LSTMHead",
-           "FastHead", "FlowHead", "L1MLPHead", "Pi0Expert", "SmolVLAExpert", "DiffusionHead", "MLPResNetDenoiser",
+           "FastHead", "FlowHead", "L1MapHead", "L1MLPHead", "Pi0Expert", "SmolVLAExpert", "DiffusionHead",
+           "MLPResNetDenoiser",
            "ConditionalUnet1D", "NoiseSchedule", "TemporalEnsembler", "EnsembleState", "ActionQueue", "combine_masks",
            "split_rngs"]

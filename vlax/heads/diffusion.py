@@ -231,7 +231,7 @@ class ConditionalUnet1D(nnx.Module):
 
 # ---- the head ------------------------------------------------------------------------------------------------------
 DENOISERS = ("mlp_resnet", "unet1d")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "octo")
 
 
 class DiffusionHead(ActionHead):
@@ -244,7 +244,9 @@ class DiffusionHead(ActionHead):
         constructor (e.g. ``hidden_dim``, ``num_blocks`` / ``down_dims``, ``n_groups``).
       schedule, num_train_timesteps, beta_start, beta_end: the :class:`NoiseSchedule`.
       prediction_type: ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
-      sampler: ``"ddpm"`` (``variance_type`` ``"fixed_small"`` / ``"fixed_large"``) or ``"ddim"`` (``eta``).
+      sampler: ``"ddpm"`` (``variance_type`` ``"fixed_small"`` / ``"fixed_large"``), ``"ddim"`` (``eta``) or
+        ``"octo"`` (Octo's DDPM step on ``x_t`` itself, every timestep, ``x`` clipped to ``clip_sample_range``
+        when ``clip_sample``; see :func:`vlax.nn.noise_schedules.ddpm_sample_space_step`; epsilon prediction).
       num_steps: default sampling steps (``None``: every training timestep for DDPM, 10 for DDIM), spaced by
         ``timestep_spacing`` / ``steps_offset`` as in diffusers.
       clip_sample, clip_sample_range: clip the predicted clean chunk at every step.
@@ -267,8 +269,12 @@ class DiffusionHead(ActionHead):
             if value not in known:
                 raise ValueError(f"unknown {what} {value!r}; known: {list(known)}")
         self.schedule = ns.NoiseSchedule(schedule, num_train_timesteps, beta_start, beta_end)
+        if sampler == "octo" and (prediction_type != "epsilon" or num_steps not in (None, num_train_timesteps)):
+            raise ValueError(f"sampler='octo' predicts the noise at every one of the {num_train_timesteps} "
+                             f"timesteps; got prediction_type={prediction_type!r}, num_steps={num_steps}")
         self.prediction_type, self.sampler, self.variance_type = prediction_type, sampler, variance_type
-        self.num_steps = num_steps or (num_train_timesteps if sampler == "ddpm" else min(10, num_train_timesteps))
+        self.num_steps = num_steps or (num_train_timesteps if sampler in ("ddpm", "octo")
+                                       else min(10, num_train_timesteps))
         self.spacing, self.steps_offset, self.eta, self.set_alpha_to_one = timestep_spacing, steps_offset, eta, \
             set_alpha_to_one
         self.clip_sample, self.clip_sample_range = clip_sample, float(clip_sample_range)
@@ -311,19 +317,21 @@ class DiffusionHead(ActionHead):
 
     def sample(self, ctx: HeadContext, *, rngs: RngLike, num_steps: int | None = None, lm=None,
                guide_actions: jax.Array | None = None, guide_weights: jax.Array | None = None,
-               max_guidance: float = 5.0, noise: jax.Array | None = None) -> jax.Array:
+               max_guidance: float = 5.0, noise: jax.Array | None = None,
+               step_noise: jax.Array | None = None) -> jax.Array:
         """Reverse diffusion from Gaussian noise: ``[B, H, A]``.
 
-        ``noise [B, H, A]`` replaces the initial draw (to reproduce another implementation's sample from its noise).
+        ``noise [B, H, A]`` replaces the initial draw and ``step_noise [steps, B, H, A]`` the draw of every step
+        (to reproduce another implementation's sample from its noise).
 
         With ``guide_actions [B, H, A]`` (normalized) and ``guide_weights`` (``[B, H]`` or ``[B, H, A]``), every step
         first pulls the predicted clean chunk toward those actions (real-time chunking's guided inpainting, see
         :meth:`_guided_output`); without them the sampling is exactly the unguided one.
         """
-        steps = int(num_steps or self.num_steps)
+        steps = self.num_steps if self.sampler == "octo" else int(num_steps or self.num_steps)
         big_t = self.schedule.num_train_timesteps
         timesteps = ns.inference_timesteps(big_t, steps, self.spacing, self.steps_offset)
-        if self.sampler == "ddpm":
+        if self.sampler in ("ddpm", "octo"):
             previous = ns.ddpm_previous_timesteps(timesteps)
         else:
             previous = ns.ddim_previous_timesteps(timesteps, big_t, steps)
@@ -337,6 +345,8 @@ class DiffusionHead(ActionHead):
             if tuple(noise.shape) != (b, *self.action_shape):
                 raise ValueError(f"noise has shape {tuple(noise.shape)}; the head samples {(b, *self.action_shape)}")
             x = jnp.asarray(noise, ctx.tokens.dtype)
+        if step_noise is not None and tuple(step_noise.shape) != (steps, *x.shape):
+            raise ValueError(f"step_noise has shape {tuple(step_noise.shape)}; expected {(steps, *x.shape)}")
         ts, prevs = jnp.asarray(timesteps, jnp.int32), jnp.asarray(previous, jnp.int32)
         common = dict(prediction_type=self.prediction_type, clip_sample=self.clip_sample,
                       clip_sample_range=self.clip_sample_range)
@@ -351,8 +361,14 @@ class DiffusionHead(ActionHead):
                 out = self.denoiser(x, jnp.full((b,), t), cond, train=False)
             else:
                 out = self._guided_output(x, t, cond, target, weights, max_guidance)
-            noise = jax.random.normal(jax.random.fold_in(loop_key, i), x.shape, x.dtype)
-            if self.sampler == "ddpm":
+            if step_noise is None:
+                noise = jax.random.normal(jax.random.fold_in(loop_key, i), x.shape, x.dtype)
+            else:
+                noise = jnp.asarray(step_noise, x.dtype)[i]
+            if self.sampler == "octo":
+                new, _ = ns.ddpm_sample_space_step(self.schedule, out, t, x, noise,
+                                                   clip_range=self.clip_sample_range if self.clip_sample else None)
+            elif self.sampler == "ddpm":
                 new, _ = ns.ddpm_step(self.schedule, out, t, prev, x, noise, variance_type=self.variance_type,
                                       **common)
             else:

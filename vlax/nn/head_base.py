@@ -92,14 +92,17 @@ def last_valid_index(mask: jax.Array) -> jax.Array:
 
 
 class AttentionPool(nnx.Module):
-    """Multi-head attention pooling with learned probes (big_vision's MAP head): ``[B, N, D] -> [B, P, D]``."""
+    """Multi-head attention pooling with learned probes (big_vision's MAP head): ``[B, N, D] -> [B, P, D]``.
+
+    ``act``: the MLP's activation (``"gelu_tanh"`` for Flax-trained models such as Octo, whose ``nn.gelu`` is
+    the tanh form)."""
 
     def __init__(self, width: int, num_heads: int, *, num_probes: int = 1, mlp_dim: int | None = None,
-                 rngs: nnx.Rngs):
+                 act: str = "gelu", rngs: nnx.Rngs):
         self.probe = param(rngs, nnx.initializers.xavier_uniform(), (num_probes, width), (None, "embed"))
         self.attn = Attention(width, num_heads, use_bias=True, rngs=rngs)
         self.norm = LayerNorm(width, rngs=rngs)
-        self.mlp = Mlp(width, mlp_dim or 4 * width, rngs=rngs)
+        self.mlp = Mlp(width, mlp_dim or 4 * width, act=act, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
         b = tokens.shape[0]

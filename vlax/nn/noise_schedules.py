@@ -182,6 +182,28 @@ def ddpm_step(schedule: NoiseSchedule, model_output: jax.Array, t: jax.Array, pr
     return prev, x0
 
 
+def ddpm_sample_space_step(schedule: NoiseSchedule, eps: jax.Array, t: jax.Array, sample: jax.Array,
+                           noise: jax.Array | None, *, clip_range: float | None = None
+                           ) -> tuple[jax.Array, jax.Array]:
+    """Octo's reverse step, written on ``x_t`` itself rather than through the predicted clean sample.
+
+    ``x = (x_t - (1 - alpha_t) / sqrt(1 - abar_t) * eps) / sqrt(alpha_t)``, plus ``sqrt(beta_t) * noise`` when
+    ``t > 0``; then ``x`` (not the clean-sample estimate) is clipped to ``+-clip_range``. Returns
+    ``(x_prev, x_prev before clipping)``. Same mean and variance as ``fixed_large`` DDPM, but no division by
+    ``sqrt(abar_t)``, which makes the first steps of the cosine schedule (``abar`` ~ 1e-3) exact in float32.
+    """
+    betas = np.asarray(schedule.betas, np.float32)
+    alphas = (np.float32(1.0) - betas).astype(np.float32)
+    alpha = _expand(_gather(alphas, t), sample)
+    abar = _expand(_gather(schedule.alphas_cumprod, t), sample)
+    beta = _expand(_gather(betas, t), sample)
+    x = (1 / jnp.sqrt(alpha)) * (sample - (1 - alpha) / jnp.sqrt(1 - abar) * eps)
+    if noise is not None:
+        x = x + _expand(jnp.asarray(t) > 0, sample) * (jnp.sqrt(beta) * noise)
+    clipped = x if clip_range is None else jnp.clip(x, -clip_range, clip_range)
+    return clipped, x
+
+
 def ddim_step(schedule: NoiseSchedule, model_output: jax.Array, t: jax.Array, prev_t: jax.Array, sample: jax.Array,
               noise: jax.Array | None = None, *, eta: float = 0.0, prediction_type: str = "epsilon",
               clip_sample: bool = True, clip_sample_range: float = 1.0, set_alpha_to_one: bool = True,

@@ -25,6 +25,7 @@ PresetBuilder = Callable[..., Any]
 PRESET_MODULES: dict[str, str] = {
     "act": "act",
     "diffusion_policy": "diffusion_policy",
+    "octo": "octo",
     "helix": "helix",
     "openvla": "openvla",
     "pi0": "pi0",
