@@ -42,6 +42,10 @@ PRESET_ROWS = {
     # RoboFlamingo at a 128-wide size, its LSTM head predicting the chunk from the one frame the evaluator feeds
     "roboflamingo": ("model.preset=roboflamingo", "model.head=lstm", "model.state_input=none",
                      "data.normalization=bounds"),
+    # RT-2-style: PaliGemma-shaped ViT + LM writing the actions as tokens of its vocabulary
+    "rt2": ("model.preset=rt2", "model.head=binned_lm", "model.state_input=none"),
+    # Helix-style: the S2 VLM plans every model.helix.plan_every steps, the fast S1 acts with its latest latent
+    "helix": ("model.preset=helix", "model.head=chunk", "model.state_input=head"),
 }
 CONFIG = "experiments/configs/metaworld.py"
 

@@ -28,6 +28,10 @@ _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "step limit below the envir
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
 _CAMERA = flags.DEFINE_string("camera", None, "must match the checkpoint's camera (default: taken from it)")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "show a progress bar")
+_PLAN_EVERY = flags.DEFINE_integer("plan_every", None, "a dual-rate policy (Helix): control steps between its slow "
+                                   "plan steps (default: the policy's own period)")
+_PLAN_MODE = flags.DEFINE_enum("plan_mode", "sync", ["sync", "async"], "plan before the act step that needs it, or "
+                               "on a background thread")
 
 
 def main(argv):
@@ -39,7 +43,8 @@ def main(argv):
         execution=_EXECUTION.value, replan_every=_REPLAN.value, ensemble_k=_ENSEMBLE_K.value,
         num_workers=_WORKERS.value, video_dir=_VIDEO_DIR.value, video_episodes=_VIDEO_EPISODES.value,
         video_format=_VIDEO_FORMAT.value, max_steps=_MAX_STEPS.value, progress=_PROGRESS.value,
-        results_path=_OUT.value, checkpoint_step=_STEP.value, camera=_CAMERA.value)
+        results_path=_OUT.value, checkpoint_step=_STEP.value, camera=_CAMERA.value, plan_every=_PLAN_EVERY.value,
+        plan_mode=_PLAN_MODE.value)
     print(format_table(results))
     if _OUT.value:
         print(f"results written to {_OUT.value}")

@@ -31,6 +31,10 @@ _RESIZE = flags.DEFINE_enum("resize_backend", "tf", ["tf", "jax"], "frame resize
                             "or JAX's equivalent")
 _MAX_MB = flags.DEFINE_float("max_message_mb", 16.0, "largest request accepted (MiB)")
 _MAX_CONN = flags.DEFINE_integer("max_connections", 32, "connections served at once")
+_PLAN_EVERY = flags.DEFINE_integer("plan_every", None, "a dual-rate policy (Helix): requests between its slow plan "
+                                   "steps (default: the policy's own period)")
+_PLAN_SYNC = flags.DEFINE_boolean("plan_sync", False, "run a dual-rate policy's plan step before the request that "
+                                  "needs it instead of on a background thread")
 
 
 def build_server():
@@ -41,7 +45,8 @@ def build_server():
     runner = PolicyRunner.from_checkpoint(_CHECKPOINT.value, step=_STEP.value, seed=_SEED.value,
                                           resize_backend=_RESIZE.value)
     policy = ServedPolicy(runner, rtc=_RTC.value, delay_steps=_DELAY.value, max_guidance=_MAX_GUIDANCE.value,
-                          max_batch=_MAX_BATCH.value, default_prompt=_PROMPT.value)
+                          max_batch=_MAX_BATCH.value, default_prompt=_PROMPT.value, plan_every=_PLAN_EVERY.value,
+                          plan_async=not _PLAN_SYNC.value)
     api_key = _API_KEY.value or os.environ.get("VLAX_API_KEY") or None
     return PolicyServer(policy, host=_HOST.value, port=_PORT.value, api_key=api_key, workers=_WORKERS.value,
                         batch_window_ms=_WINDOW.value, max_message_bytes=int(_MAX_MB.value * (1 << 20)),

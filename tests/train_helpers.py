@@ -68,3 +68,23 @@ def tiny_finetune_config(workdir: Path, source: dict, steps: int = 3) -> ml_coll
     c.train = small.train
     c.train.steps, c.train.save_every = steps, steps
     return c
+
+
+def preset_row_config(row: str, workdir: Path, data: Path):
+    """The tiny Meta-World config of the loop tests with the ablation's preset row applied, 2 training steps."""
+    import ast
+
+    from experiments.ablate_heads import PRESET_ROWS
+
+    c = tiny_config(workdir, data, steps=2, save_every=2)
+    for setting in PRESET_ROWS[row]:
+        key, value = setting.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        try:
+            node[leaf] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            node[leaf] = value  # a plain string
+    return c

@@ -94,6 +94,10 @@ def _base() -> ml_collections.ConfigDict:
     c.model.diffusion_policy = diffusion_policy.preset_settings("tiny")
     c.model.roboflamingo = roboflamingo.preset_settings("metaworld")
     c.model.head_defaults.lstm = dict(hidden_dim=128, num_layers=2, dropout=0.0, tower_dims=(128,))
+    from experiments.configs import helix, rt2
+
+    c.model.rt2 = rt2.preset_settings("tiny")
+    c.model.helix = helix.preset_settings("tiny")
     c.data.obs_history = 1                        # observation steps per example ([B, T, ...] when > 1)
 
     c.finetune = ml_collections.ConfigDict()

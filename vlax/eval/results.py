@@ -130,6 +130,26 @@ def timing(episodes: list[dict], wall_s: float) -> dict:
         # Amortized over executed actions (a chunk serves several steps under receding-horizon execution).
         "ms_per_action": ms_per_call * calls / steps if ms_per_call is not None and steps else None,
         "compile_s": _mean(compiles) if compiles else None,
+        "dual_rate": dual_rate_timing(episodes),
+    }
+
+
+def dual_rate_timing(episodes: list[dict]) -> dict | None:
+    """Rates of a dual-rate policy's act and plan steps over the episodes (None for other policies): calls, their
+    ratio, milliseconds per call and the rate each step could sustain alone (``1000 / ms``)."""
+    records = [e["dual_rate"] for e in episodes if e.get("dual_rate")]
+    if not records:
+        return None
+    total = {k: sum(r[k] for r in records) for k in (
+        "act_calls", "plan_calls", "plans_late", "timed_act_calls", "timed_plan_calls", "act_s", "plan_s")}
+    act_ms = 1000 * total["act_s"] / total["timed_act_calls"] if total["timed_act_calls"] else None
+    plan_ms = 1000 * total["plan_s"] / total["timed_plan_calls"] if total["timed_plan_calls"] else None
+    return {
+        "act_calls": total["act_calls"], "plan_calls": total["plan_calls"],
+        "acts_per_plan": total["act_calls"] / total["plan_calls"] if total["plan_calls"] else None,
+        "ms_per_act_call": act_ms, "ms_per_plan_call": plan_ms,
+        "act_hz": 1000 / act_ms if act_ms else None, "plan_hz": 1000 / plan_ms if plan_ms else None,
+        "plans_late": total["plans_late"], "max_plan_age": max(r["max_plan_age"] for r in records),
     }
 
 
@@ -171,4 +191,11 @@ def format_table(results: dict) -> str:
                  f"{t['env_steps_per_s']:.0f} steps/s, {c['num_workers']} workers){per_call}; "
                  f"execution {c['execution']}" + (f" every {c['replan_every']}" if c["execution"] == "receding" else
                                                   f" k={c['ensemble_k']}"))
+    dual = t.get("dual_rate")
+    if dual and dual["acts_per_plan"] is not None:
+        lines.append(f"dual rate: {dual['act_calls']} act steps / {dual['plan_calls']} plan steps = "
+                     f"{dual['acts_per_plan']:.1f} (plan every {c.get('plan_every')}, {c.get('plan_mode')})"
+                     + ("" if dual["ms_per_plan_call"] is None or dual["ms_per_act_call"] is None else
+                        f"; {dual['ms_per_act_call']:.1f} ms per act step, {dual['ms_per_plan_call']:.1f} ms per "
+                        "plan step"))
     return "\n".join(lines)

@@ -5,6 +5,10 @@ per request, so a request's actions do not depend on which other requests it was
 reassociation); a lone unguided request goes through :meth:`PolicyRunner.sample_normalized`, exactly the
 in-process path. Batch sizes are padded up to a power of two and every size (and the guided variant when
 real-time chunking is on) is compiled by :meth:`ServedPolicy.warmup` before the server accepts connections.
+
+A policy with a slow plan step (Helix's S2, :mod:`vlax.dual_rate`) is served per connection by a
+:class:`PlanSession`: every request gets the act step with the connection's latest plan, and the plan step runs
+every ``plan_every`` requests, by default on a background thread so that a slow plan never delays a reply.
 """
 
 from __future__ import annotations
@@ -55,11 +59,13 @@ class ServedPolicy:
       max_guidance: the clip ``beta`` of the guidance weight.
       max_batch: the most requests sampled in one call (1: no micro-batching).
       default_prompt: used when a request has no ``prompt``.
+      plan_every: requests between plan steps of a dual-rate policy (None: the policy's own period).
+      plan_async: run those plan steps on a background thread (False: before the request that needs one).
     """
 
     def __init__(self, runner: Any, *, rtc: bool = False, delay_steps: int = 0,
                  max_guidance: float = rtc_lib.DEFAULT_MAX_GUIDANCE, max_batch: int = 1,
-                 default_prompt: str | None = None):
+                 default_prompt: str | None = None, plan_every: int | None = None, plan_async: bool = True):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.runner, self.pipeline = runner, runner.pipeline
@@ -70,6 +76,10 @@ class ServedPolicy:
         self.rtc, self.delay_steps, self.max_guidance = bool(rtc), int(delay_steps), float(max_guidance)
         self.max_batch, self.default_prompt = int(max_batch), default_prompt
         self.buckets = _buckets(self.max_batch)
+        if plan_every is not None and plan_every < 1:
+            raise ValueError(f"plan_every must be >= 1 (or None: the policy's own period), got {plan_every}")
+        self.plan_every = (plan_every or runner.plan_every) if getattr(runner, "plans", False) else None
+        self.plan_async = bool(plan_async)
         model = runner.model()
         self.head_name = type(model.head).__name__
         if self.rtc and "guide_actions" not in inspect.signature(model.head.sample).parameters:
@@ -112,6 +122,7 @@ class ServedPolicy:
             "state_dim": self.state_dim, "action_dim": self.action_dim, "action_horizon": self.spec.horizon,
             "head": self.head_name, "observation_keys": keys.key_table(self.spec.cameras),
             "rtc": self.rtc, "delay_steps": self.delay_steps, "max_batch": self.max_batch,
+            "plan_every": self.plan_every,
         })
         return meta
 
@@ -198,6 +209,10 @@ class ServedPolicy:
         normalized = fn(self._state, inputs, keys_, target, weights)
         return self.pipeline.actions(np.asarray(normalized)[:n])
 
+    def session(self) -> "PlanSession | None":
+        """A connection's dual-rate state, or None for a policy without a plan step."""
+        return None if self.plan_every is None else PlanSession(self)
+
     def warmup(self, image_shape: tuple[int, int] | None = None) -> float:
         """Compile every batch size (and the guided sampler) on a blank observation; returns the seconds taken."""
         started = time.perf_counter()
@@ -206,7 +221,7 @@ class ServedPolicy:
         request = {f"observation/{c}": np.zeros((h, w, 3), np.uint8) for c in self.spec.cameras}
         request.update({"observation/state": np.zeros(self.state_dim, np.float32), "prompt": "warm up"})
         blank = self.prepare(request, key=jax.random.key(0))
-        for size in self.buckets:
+        for size in self.buckets if self.plan_every is None else ():  # sessions serve dual-rate policies
             np.asarray(self._sample([blank] * size, False))
         if self.rtc:
             s = self.spec.horizon - max(self.delay_steps, 1)
@@ -214,4 +229,33 @@ class ServedPolicy:
             guided = dataclasses.replace(blank, guide=self._guide(remaining, self.delay_steps))
             for size in self.buckets:
                 np.asarray(self._sample([guided] * size, True))
+        if self.plan_every is not None:  # the plan step and the act step given a plan
+            session = PlanSession(self, asynchronous=False)
+            session.infer(blank)
+            session.close()
         return time.perf_counter() - started
+
+
+class PlanSession:
+    """One connection of a dual-rate policy: the act step for every request with the latest plan, the plan step
+    every ``plan_every`` requests (see :class:`vlax.dual_rate.DualRateExecutor`)."""
+
+    def __init__(self, policy: ServedPolicy, asynchronous: bool | None = None):
+        self.policy = policy
+        self.executor = policy.runner.dual_rate(
+            plan_every=policy.plan_every, asynchronous=policy.plan_async if asynchronous is None else asynchronous)
+
+    def infer(self, prepared: Prepared) -> np.ndarray:
+        """Actions ``[H, A]`` in the dataset's units for one request."""
+        if prepared.guide is not None:
+            raise RequestError("real-time chunking is not available for a policy with a plan step; send requests "
+                               "without prev_actions")
+        normalized = self.executor.act(prepared.inputs, prepared.key)
+        return self.policy.pipeline.actions(np.asarray(normalized))[0]
+
+    @property
+    def stats(self) -> Any:
+        return self.executor.stats
+
+    def close(self) -> None:
+        self.executor.close()

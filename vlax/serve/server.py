@@ -129,11 +129,13 @@ class PolicyServer:
 
     # ---- one connection --------------------------------------------------------------------------------------------
 
-    async def _infer(self, message: bytes) -> tuple[Any, float]:
+    async def _infer(self, message: bytes, session: Any = None) -> tuple[Any, float]:
         loop = asyncio.get_running_loop()
         prepared = await loop.run_in_executor(self._executor, self.policy.prepare, message)
         started = time.perf_counter()
-        if self._batcher is not None:
+        if session is not None:  # a dual-rate policy: the connection's own plan, never micro-batched
+            actions = await loop.run_in_executor(self._executor, session.infer, prepared)
+        elif self._batcher is not None:
             actions = await self._batcher.submit(prepared)
         else:
             actions = (await loop.run_in_executor(self._executor, self.policy.infer_many, [prepared]))[0]
@@ -141,6 +143,7 @@ class PolicyServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         self.connections += 1
+        session = self.policy.session()
         try:
             await ws.send(packb(self.metadata))
             prev_total_ms = None
@@ -151,7 +154,7 @@ class PolicyServer:
                     await ws.send("error: expected a binary msgpack frame, got a text frame")
                     continue
                 try:
-                    actions, infer_ms = await self._infer(message)
+                    actions, infer_ms = await self._infer(message, session)
                 except RequestError as e:
                     self.errors += 1
                     await ws.send(f"error: {e}")
@@ -172,6 +175,8 @@ class PolicyServer:
             pass
         finally:
             self.connections -= 1
+            if session is not None:
+                await asyncio.get_running_loop().run_in_executor(self._executor, session.close)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from vlax.envs.metaworld.sim import RolloutSettings
 
 EXPERT = "expert"
 EXECUTIONS = ("receding", "ensemble")
+PLAN_MODES = ("sync", "async")
 
 # Set in every worker before anything is imported: one XLA thread so that N workers use N cores, no GPU memory
 # preallocation (several workers may share one accelerator).
@@ -74,6 +75,10 @@ class EpisodeJob:
     max_steps: int | None
     video_path: str | None = None
     video_fps: int = 30
+    # policies with a slow plan step (vlax.dual_rate): its period in control steps (None: the policy's own) and
+    # whether it runs before the act step that needs it ("sync") or on a background thread ("async")
+    plan_every: int | None = None
+    plan_mode: str = "sync"
 
 
 class _ExpertActor:
@@ -81,12 +86,16 @@ class _ExpertActor:
 
     horizon = 1
     compiles = False
+    dual = None
 
     def __init__(self):
         self.expert, self.calls = None, 0
 
-    def act(self, frame: np.ndarray, sim_obs: np.ndarray, instruction: str, key: Any) -> np.ndarray:
-        del frame, instruction, key
+    def start_episode(self, job: "EpisodeJob") -> None:
+        del job
+
+    def act(self, frame: np.ndarray, sim_obs: np.ndarray, instruction: str, key: Any, step: int = 0) -> np.ndarray:
+        del frame, instruction, key, step
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the experts warn that their gains exceed [-1, 1]
             # Some experts edit the observation they are given in place.
@@ -110,6 +119,19 @@ class _CheckpointActor:
         self.settings = settings
         self.state_dim = self.pipeline.metadata()["state_dim"]
         self.camera = self.runner.spec.cameras[0]
+        self.dual, self._duals = None, {}  # a dual-rate executor per (plan_every, mode), kept across episodes
+
+    def start_episode(self, job: "EpisodeJob") -> None:
+        """A planning policy starts the episode without a plan, its executor's compile state kept."""
+        if not self.runner.plans:
+            return
+        if job.plan_mode not in PLAN_MODES:
+            raise ValueError(f"plan_mode={job.plan_mode!r}; use one of {PLAN_MODES}")
+        key = (job.plan_every or self.runner.plan_every, job.plan_mode)
+        if key not in self._duals:
+            self._duals[key] = self.runner.dual_rate(plan_every=key[0], asynchronous=key[1] == "async")
+        self.dual = self._duals[key]
+        self.dual.reset()
 
     def _image(self, frame: np.ndarray) -> np.ndarray:
         """``uint8 [S, S, 3]`` render -> ``uint8 [1, S, S, 3]``, compressed as the dataset stored it."""
@@ -128,8 +150,12 @@ class _CheckpointActor:
                "prompt": [instruction]}
         return self.pipeline.model_inputs(raw)
 
-    def act(self, frame: np.ndarray, sim_obs: np.ndarray, instruction: str, key: Any) -> np.ndarray:
-        normalized = self.runner.sample_normalized(self.inputs(frame, sim_obs, instruction), key)
+    def act(self, frame: np.ndarray, sim_obs: np.ndarray, instruction: str, key: Any, step: int = 0) -> np.ndarray:
+        inputs = self.inputs(frame, sim_obs, instruction)
+        if self.dual is not None:  # the act step with the latest plan, the plan step when due
+            normalized = self.dual.act(inputs, key, step)
+        else:
+            normalized = self.runner.sample_normalized(inputs, key)
         chunk = self.pipeline.actions(normalized)[0]  # [H, A]
         return np.clip(chunk, -1.0, 1.0)
 
@@ -188,6 +214,8 @@ def run_episode(job: EpisodeJob) -> dict[str, Any]:
     actor = _actor(job, expert)
     if job.execution == "receding" and job.replan_every > actor.horizon:
         raise ValueError(f"replan_every={job.replan_every} exceeds the policy's chunk of {actor.horizon} actions")
+    actor.start_episode(job)
+    dual_before = None if actor.dual is None else dataclasses.replace(actor.dual.stats)
     env.seed(job.layout_seed)
     obs, _ = env.reset()
     limit = env.max_path_length if job.max_steps is None else min(job.max_steps, env.max_path_length)
@@ -205,7 +233,7 @@ def run_episode(job: EpisodeJob) -> dict[str, Any]:
             frames.append(frame)
         if must_act:
             call_started = time.perf_counter()
-            chunk = actor.act(frame, obs, job.instruction, jax.random.fold_in(episode_key, calls))
+            chunk = actor.act(frame, obs, job.instruction, jax.random.fold_in(episode_key, calls), step=t)
             elapsed = time.perf_counter() - call_started
             if actor.compiles and actor.calls == 0:
                 compile_s = elapsed  # kept out of the inference time
@@ -228,6 +256,7 @@ def run_episode(job: EpisodeJob) -> dict[str, Any]:
             break
         if truncated:
             break
+    dual_rate = None if actor.dual is None else _dual_rate_record(actor.dual, dual_before)
     if not _worker.get("close_at_exit"):
         # After the first render mujoco has registered its display teardown; hooks run last-in first-out, so the
         # environment's GL context is freed before the display goes.
@@ -253,4 +282,16 @@ def run_episode(job: EpisodeJob) -> dict[str, Any]:
         "wall_s": time.perf_counter() - started,
         "policy_s": policy_s,
         "compile_s": compile_s,
+        "dual_rate": dual_rate,
     }
+
+
+def _dual_rate_record(dual: Any, before: Any) -> dict[str, Any]:
+    """This episode's share of a dual-rate executor's counters (they accumulate over the worker's episodes)."""
+    if dual.asynchronous:
+        dual.reset()  # a plan still running belongs to this episode
+    now = dual.stats
+    counts = {f: getattr(now, f) - getattr(before, f) for f in (
+        "act_calls", "plan_calls", "plans_late", "timed_act_calls", "timed_plan_calls", "act_s", "plan_s")}
+    return {"plan_every": dual.plan_every, "mode": "async" if dual.asynchronous else "sync", **counts,
+            "max_plan_age": now.max_plan_age}

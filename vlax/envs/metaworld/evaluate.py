@@ -21,6 +21,10 @@ Protocol:
     ``exp(-ensemble_k * i)`` (``i = 0`` the oldest prediction). The expert predicts one action per step.
   * An episode succeeds if any step reports ``info["success"]`` (it stops there); it lasts at most the env's
     ``max_path_length`` (500) steps, or ``max_steps`` if smaller.
+  * Dual rate: a policy with a slow plan step (Helix's S2, see :mod:`vlax.dual_rate`) plans every
+    ``plan_every`` control steps (default: the policy's own period) and acts with the latest plan whenever it
+    acts (``replan_every=1``: every step). ``plan_mode="sync"`` plans before the act step that needs it
+    (deterministic); ``"async"`` plans on a background thread while the act steps go on (timing-dependent).
   * Determinism: episodes depend only on (policy, task, episode index, seed), never on which worker ran them
     (policy noise is ``fold_in(key(seed), task_index, episode, call)``): any ``num_workers`` gives the same
     records apart from timings.
@@ -34,7 +38,7 @@ Results (returned, and written to ``results_path`` as JSON), schema version 1::
     config            {tasks: [str], episodes_per_task, seed, execution: "receding"|"ensemble", replan_every,
                        ensemble_k, max_steps: int|null, num_workers, camera, render_size, policy_image_size:
                        int|null, horizon, instruction_paraphrase, layout_seed_start, video_dir: str|null,
-                       video_episodes}
+                       video_episodes, plan_every: int|null, plan_mode}
     versions          {metaworld, mujoco, jax, python}
     date              str     ISO 8601, UTC
     per_task          {task: {success_rate: float in [0, 1], successes, episodes, mean_steps, bucket:
@@ -45,10 +49,14 @@ Results (returned, and written to ``results_path`` as JSON), schema version 1::
                                      four buckets were evaluated
     timing            {wall_s, episodes_per_s, env_steps_per_s, policy_calls, ms_per_policy_call: float|null,
                        ms_per_action: float|null (per-call time amortized over executed steps),
-                       compile_s: float|null (mean first-call time per worker, kept out of ms_per_policy_call)}
+                       compile_s: float|null (mean first-call time per worker, kept out of ms_per_policy_call),
+                       dual_rate: null | {act_calls, plan_calls, acts_per_plan (the act rate / plan rate ratio
+                       run), ms_per_act_call, ms_per_plan_call, act_hz, plan_hz, plans_late, max_plan_age}}
     episodes          [{task, episode, layout_seed, instruction, success: bool, first_success_step (-1 if none),
                         steps, return, policy_calls, actions_sha1 (of the executed float32 actions), video:
-                        str|null, wall_s, policy_s, compile_s: float|null}]   ordered by task, then episode
+                        str|null, wall_s, policy_s, compile_s: float|null, dual_rate: null | {plan_every, mode,
+                        act_calls, plan_calls, plans_late, timed_act_calls, timed_plan_calls, act_s, plan_s,
+                        max_plan_age}}]   ordered by task, then episode
 
 :func:`vlax.eval.results.validate_results` checks a dict against this schema.
 """
@@ -72,7 +80,7 @@ from vlax.envs.metaworld import instructions, task_sets
 from vlax.envs.metaworld.sim import RolloutSettings
 from vlax.eval import results as results_lib
 from vlax.envs.metaworld.checkpoint_info import CheckpointError, read_checkpoint_info
-from vlax.envs.metaworld.episode import (EXECUTIONS, EXPERT, EpisodeJob, init_worker, run_episode,
+from vlax.envs.metaworld.episode import (EXECUTIONS, EXPERT, PLAN_MODES, EpisodeJob, init_worker, run_episode,
                                          worker_environment)
 from vlax.eval.video import VIDEO_FORMATS
 
@@ -161,6 +169,8 @@ def evaluate(
     image_size: int | None = None,
     instruction_paraphrase: int = 0,
     gl_backend: str = "egl",
+    plan_every: int | None = None,
+    plan_mode: str = "sync",
 ) -> dict[str, Any]:
     """Runs ``policy`` closed-loop on ``tasks`` and returns the results (schema in the module docstring).
 
@@ -183,6 +193,8 @@ def evaluate(
         for the expert they choose the rendering (defaults: ``corner2``, 128).
       instruction_paraphrase: which of the task's instruction paraphrases the policy is given.
       gl_backend: ``"egl"`` or ``"osmesa"``.
+      plan_every: control steps between plan steps of a dual-rate policy (None: the policy's own period).
+      plan_mode: ``"sync"`` or ``"async"`` (see the module docstring); ignored for policies without a plan step.
 
     Raises:
       ValueError: an unknown task (listing the known ones) or a bad argument, naming the value.
@@ -192,6 +204,10 @@ def evaluate(
     task_names = task_sets.resolve_tasks(tasks)
     _check_arguments(execution, episodes_per_task, seed, num_workers, ensemble_k, video_format, video_episodes,
                      max_steps, gl_backend, instruction_paraphrase)
+    if plan_mode not in PLAN_MODES:
+        raise ValueError(f"plan_mode={plan_mode!r}; use one of {PLAN_MODES}")
+    if plan_every is not None and plan_every < 1:
+        raise ValueError(f"plan_every={plan_every}; use None (the policy's own period) or a positive number")
     if str(policy) == EXPERT:
         settings = RolloutSettings(image_size=image_size or 128, cameras=(camera or "corner2",))
         policy_name, step, horizon, policy_image_size, trained = EXPERT, None, 1, None, None
@@ -232,7 +248,7 @@ def evaluate(
                 layout_seed=layout_seed(task, episode, seed), seed=seed,
                 instruction=instructions.instruction(task, instruction_paraphrase), settings=settings,
                 execution=execution, replan_every=replan, ensemble_k=float(ensemble_k), max_steps=max_steps,
-                video_path=video))
+                video_path=video, plan_every=plan_every, plan_mode=plan_mode))
     started = time.perf_counter()
     episodes = _run(jobs, num_workers, gl_backend, progress)
     wall_s = time.perf_counter() - started
@@ -251,6 +267,7 @@ def evaluate(
             "instruction_paraphrase": instruction_paraphrase,
             "layout_seed_start": task_sets.EVAL_LAYOUT_SEED_START,
             "video_dir": None if video_dir is None else os.path.abspath(video_dir), "video_episodes": video_episodes,
+            "plan_every": _plan_every(episodes, plan_every), "plan_mode": plan_mode,
         },
         "versions": _versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -262,6 +279,12 @@ def evaluate(
     if results_path:
         results_lib.write_results(results, results_path)
     return results
+
+
+def _plan_every(episodes: list[dict], requested: int | None) -> int | None:
+    """The plan period the episodes ran with (the policy's own unless requested); None without a plan step."""
+    periods = {e["dual_rate"]["plan_every"] for e in episodes if e.get("dual_rate")}
+    return periods.pop() if len(periods) == 1 else requested
 
 
 def _run(jobs: list[EpisodeJob], num_workers: int, gl_backend: str, progress: bool) -> list[dict]:
