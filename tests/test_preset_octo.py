@@ -241,7 +241,7 @@ def test_tiny_preset_trains_on_the_lerobot_fixture(tmp_path):
     c.data.sources[0].path = str(Path(__file__).parent / "fixtures" / "lerobot_ds")
     c.data.sources[0].cameras = (("observation.images.wrist", "wrist"),)
     c.data.image_size = 32
-    c.data.batch_size, c.data.shuffle_buffer, c.data.val_fraction = 4, 16, 0.0
+    c.data.batch_size, c.data.shuffle_buffer, c.data.val_fraction = 8, 16, 0.0
     c.train.steps = c.train.save_every = 2
     c.train.log_every, c.train.progress, c.train.tensorboard = 1, False, False
     summary = train(c)
