@@ -68,7 +68,7 @@ SMALL = {  # the cheapest construction of each registered head
     "chunk": dict(width=16, num_heads=2, mlp_dim=16), "chunk_cvae": dict(width=16, num_heads=2, mlp_dim=16,
                                                                           encoder_depth=1),
     "flow": dict(width=8, mlp_dim=16), "flow_pi05": dict(width=8, mlp_dim=16), "flow_smolvla": dict(mlp_dim=16),
-    "l1_mlp": dict(hidden_dim=8, num_blocks=1),
+    "l1_mlp": dict(hidden_dim=8, num_blocks=1), "l1_map": dict(num_heads=2),
     "lstm": dict(hidden_dim=8, num_layers=1, tower_dims=(8,)),
     "diffusion": dict(denoiser_kwargs=dict(hidden_dim=8, num_blocks=1)),
     "diffusion_unet": dict(denoiser_kwargs=dict(down_dims=(8, 16), step_embed_dim=8, n_groups=2)),
@@ -166,7 +166,7 @@ def test_lm_decoding_that_overflows_the_cache_names_the_needed_size():
 def test_unknown_options_list_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown flow expert 'pi1'; known: \['pi0', 'smolvla'\]"):
         get_head("flow", action_dim=3, horizon=4, context=SPEC, expert="pi1")
-    with pytest.raises(ValueError, match=r"unknown sampler 'euler'; known: \['ddpm', 'ddim'\]"):
+    with pytest.raises(ValueError, match=r"unknown sampler 'euler'; known: \['ddpm', 'ddim', 'octo'\]"):
         get_head("diffusion", action_dim=3, horizon=4, context=SPEC, sampler="euler")
     with pytest.raises(ValueError, match=r"unknown noise schedule 'cos'; known: "):
         get_head("diffusion", action_dim=3, horizon=4, context=SPEC, schedule="cos")
