@@ -32,6 +32,7 @@ def main(argv=None) -> dict:
     from flax import nnx
 
     from experiments.configs.helix import get_config
+    from benchmarks.common import call_times
     from vlax.dual_rate import DualRateExecutor
     from vlax.policy import PolicySpec
     from vlax.presets.helix import build_helix
@@ -50,13 +51,7 @@ def main(argv=None) -> dict:
     key = jax.random.key(0)
 
     def timed(fn) -> list[float]:
-        jax.block_until_ready(fn())  # compile + warm-up, excluded
-        out = []
-        for _ in range(args.calls):
-            t = time.perf_counter()
-            jax.block_until_ready(fn())
-            out.append(time.perf_counter() - t)
-        return out
+        return call_times(fn, args.calls)
 
     latent = plan(state, obs)
     s2 = timed(lambda: plan(state, obs))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 
@@ -27,6 +26,7 @@ def main(argv=None) -> dict:
     import jax
     from flax import nnx
 
+    from benchmarks.common import call_times
     from vlax.weights.openvla import load_openvla
 
     policy = load_openvla(args.checkpoint)
@@ -38,13 +38,7 @@ def main(argv=None) -> dict:
     prefix = nnx.jit(lambda p, o: p.context(o).tokens)
 
     def timed(fn) -> list[float]:
-        jax.block_until_ready(fn())  # compile + warm-up, excluded
-        out = []
-        for _ in range(args.calls):
-            t = time.perf_counter()
-            jax.block_until_ready(fn())
-            out.append(time.perf_counter() - t)
-        return out
+        return call_times(fn, args.calls)
 
     key = jax.random.key(0)
     full = timed(lambda: sample(policy, obs, key))

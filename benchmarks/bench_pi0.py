@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 
@@ -36,7 +35,7 @@ def main(argv=None) -> dict:
     import jax
     from flax import nnx
 
-    from benchmarks.common import device_name
+    from benchmarks.common import call_times, device_name
     from experiments.configs import pi0 as configs
     from vlax.build import build_policy, policy_spec
 
@@ -57,13 +56,7 @@ def main(argv=None) -> dict:
     prefix = nnx.jit(lambda p, o: p.context(o).cache)
 
     def timed(fn) -> list[float]:
-        jax.block_until_ready(fn())  # compile + warm-up, excluded
-        out = []
-        for _ in range(args.calls):
-            t = time.perf_counter()
-            jax.block_until_ready(fn())
-            out.append(time.perf_counter() - t)
-        return out
+        return call_times(fn, args.calls)
 
     key = jax.random.key(0)
     chunk = sample(policy, obs, key)

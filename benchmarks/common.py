@@ -22,3 +22,18 @@ def device_name() -> str:
 
 
 __all__ = ["block", "count_flops", "device_name", "flops_of", "matmul_peak", "time_fn"]
+
+
+def call_times(fn, calls: int) -> list[float]:
+    """Seconds of ``calls`` blocking calls of ``fn()``, after one call that compiles and warms up (excluded)."""
+    import time
+
+    import jax
+
+    jax.block_until_ready(fn())
+    out = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        out.append(time.perf_counter() - start)
+    return out
