@@ -32,21 +32,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 DEFAULT_HEADS = ("binned", "binned_lm", "chunk", "flow", "diffusion")
-# Rows that are published families rather than heads on the generic VLA: the preset with its own head, at the
-# tiny sizes of its config, on the same data and budget (Diffusion Policy with one observation step, as the
-# evaluator feeds one).
-PRESET_ROWS = {
-    "act": ("model.preset=act", "model.head=act", "model.state_input=head", "data.normalization=normal"),
-    "diffusion_policy": ("model.preset=diffusion_policy", "model.head=diffusion_unet", "model.state_input=head",
-                         "data.normalization=min_max"),
-    # RoboFlamingo at a 128-wide size, its LSTM head predicting the chunk from the one frame the evaluator feeds
-    "roboflamingo": ("model.preset=roboflamingo", "model.head=lstm", "model.state_input=none",
-                     "data.normalization=bounds"),
-    # RT-2-style: PaliGemma-shaped ViT + LM writing the actions as tokens of its vocabulary
-    "rt2": ("model.preset=rt2", "model.head=binned_lm", "model.state_input=none"),
-    # Helix-style: the S2 VLM plans every model.helix.plan_every steps, the fast S1 acts with its latest latent
-    "helix": ("model.preset=helix", "model.head=chunk", "model.state_input=head"),
-}
+from experiments.configs.preset_rows import PRESET_ROWS  # noqa: E402
+
 CONFIG = "experiments/configs/metaworld.py"
 
 flags.DEFINE_list("heads", list(DEFAULT_HEADS), "registered head names to compare, or preset rows: "

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.ablate_heads import PRESET_ROWS
+from experiments.configs.preset_rows import PRESET_ROWS
 from experiments.configs import metaworld
 from vlax.build import build_policy, check_components, policy_spec
 

@@ -74,7 +74,7 @@ def preset_row_config(row: str, workdir: Path, data: Path):
     """The tiny Meta-World config of the loop tests with the ablation's preset row applied, 2 training steps."""
     import ast
 
-    from experiments.ablate_heads import PRESET_ROWS
+    from experiments.configs.preset_rows import PRESET_ROWS
 
     c = tiny_config(workdir, data, steps=2, save_every=2)
     for setting in PRESET_ROWS[row]:

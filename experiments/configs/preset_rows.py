@@ -1,0 +1,19 @@
+"""Published families as rows of the Meta-World head ablation (``experiments/ablate_heads.py --heads``): each row's
+config overrides of ``experiments/configs/metaworld.py``. Kept apart from the ablation script, which defines
+command-line flags on import."""
+
+# Rows that are published families rather than heads on the generic VLA: the preset with its own head, at the
+# tiny sizes of its config, on the same data and budget (Diffusion Policy with one observation step, as the
+# evaluator feeds one).
+PRESET_ROWS = {
+    "act": ("model.preset=act", "model.head=act", "model.state_input=head", "data.normalization=normal"),
+    "diffusion_policy": ("model.preset=diffusion_policy", "model.head=diffusion_unet", "model.state_input=head",
+                         "data.normalization=min_max"),
+    # RoboFlamingo at a 128-wide size, its LSTM head predicting the chunk from the one frame the evaluator feeds
+    "roboflamingo": ("model.preset=roboflamingo", "model.head=lstm", "model.state_input=none",
+                     "data.normalization=bounds"),
+    # RT-2-style: PaliGemma-shaped ViT + LM writing the actions as tokens of its vocabulary
+    "rt2": ("model.preset=rt2", "model.head=binned_lm", "model.state_input=none"),
+    # Helix-style: the S2 VLM plans every model.helix.plan_every steps, the fast S1 acts with its latest latent
+    "helix": ("model.preset=helix", "model.head=chunk", "model.state_input=head"),
+}
