@@ -30,7 +30,7 @@ from vlax.weights.common import CheckpointError, param_shapes, rename_tensors
 from vlax.weights.lerobot_act import act_rules, load_lerobot_act, split_in_proj
 
 ATOL = 1e-5
-DEFAULT_PARAMS = 51_613_582  # ../shared/refs/lerobot/published_layouts/params_act_default.txt
+DEFAULT_PARAMS = 51_613_582  # LeRobot's default ACT, counted from its meta-device key listing
 FIXTURE = lerobot_refs.fixture("act")
 
 

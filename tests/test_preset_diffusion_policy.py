@@ -32,7 +32,7 @@ from vlax.weights.common import CheckpointError
 from vlax.weights.lerobot_diffusion import load_lerobot_diffusion
 
 ATOL = 1e-5
-DEFAULT_PARAMS = 262_709_026  # ../shared/refs/lerobot/published_layouts/params_diffusion_default.txt
+DEFAULT_PARAMS = 262_709_026  # LeRobot's default DiffusionPolicy, counted from its meta-device key listing
 
 
 @pytest.fixture(scope="module")
