@@ -1,6 +1,6 @@
-"""FAST head: action tokens take the last vocabulary ids, teacher forcing through the KV cache equals one full
-forward pass, a tiny VLA learns to decode fixed chunks exactly, and invalid token sequences decode to flagged
-zeros inside ``jit``."""
+"""FAST head in vlax's layout: action tokens take the last vocabulary ids, teacher forcing through the KV cache
+equals one full forward pass, a tiny VLA learns to decode fixed chunks exactly, and invalid token sequences decode
+to flagged zeros inside ``jit``. openpi's layout: tests/test_pi0_fast_openpi.py."""
 
 from __future__ import annotations
 
@@ -182,3 +182,9 @@ def test_bad_construction_is_one_clear_error(tokenizer_path, chunks):
         backbone_vocab_size({**_model(tokenizer_path), "head_kwargs": {}}, TEXT_VOCAB)
     with pytest.raises(FileNotFoundError, match=r"no FAST tokenizer file at /nonexistent.json"):
         _policy("/nonexistent.json")
+    with pytest.raises(ValueError, match=r"unknown FAST layout 'paligemma' \(model.fast_layout\); known"):
+        get_head("fast", action_dim=A, horizon=H, context=spec, tokenizer=tok, layout="paligemma")
+    with pytest.raises(ValueError, match=r"the 'openpi' FAST layout needs the backbone's text tokenizer object"):
+        get_head("fast", action_dim=A, horizon=H, context=spec, tokenizer=tok, layout="openpi")
+    with pytest.raises(ValueError, match=r"max_decoding_steps belong to the 'openpi' FAST layout"):
+        get_head("fast", action_dim=A, horizon=H, context=spec, tokenizer=tok, max_decoding_steps=64)

@@ -1,5 +1,6 @@
-"""π0 / π0.5 (``model.preset='pi0'`` / ``'pi05'``) trained on your own data; variants ``tiny``, ``tiny_pi05``,
-``published`` and ``published_pi05``, each also as ``<variant>_lora``.
+"""π0 / π0.5 / π0-FAST (``model.preset='pi0'`` / ``'pi05'`` / ``'pi0_fast'``) trained on your own data; variants
+``tiny``, ``tiny_pi05``, ``tiny_fast``, ``published``, ``published_pi05`` and ``published_fast``, each also as
+``<variant>_lora``.
 
     python -m experiments.train --config=experiments/configs/pi0.py:tiny \\
         --config.data.sources[0].path=/data/my_lerobot_ds --config.workdir=runs/pi0
@@ -15,6 +16,16 @@
 into 256 bins, into the prompt (``model.prompt='pi05'``, ``state_input='none'``). ``model.head`` swaps the head
 (``chunk``, ``diffusion``, ...) while keeping the PaliGemma prefix.
 
+``tiny_fast`` / ``published_fast``: π0-FAST in openpi's token layout (``model.fast_layout='openpi'``), PaliGemma
+alone decoding FAST tokens. Set ``--config.model.tokenizer`` to PaliGemma's ``tokenizer.model`` and
+``--config.model.head_kwargs.tokenizer`` to a FAST tokenizer: a local copy of openpi's ``physical-intelligence/fast``
+processor directory, or a vlax file from ``experiments/fit_fast_tokenizer.py``. As openpi's FAST pipeline, actions
+and state are not padded (``model.action_dim`` / ``state_dim`` 0: the data's), normalized by quantiles, and the
+prompt is ``Task: <instruction>, State: <256 bins>;\n`` (openpi also lower-cases the instruction; vlax's template
+keeps its case). ``published_fast`` is openpi's ``pi0_fast_libero`` (chunk 10, 256 decoding steps); start from
+``pi0_fast_base`` with ``vlax.weights.openpi.load_openpi``. ``--config.model.fast_layout=vlax`` trains vlax's own
+layout instead (any tokenizer, e.g. ``byte``).
+
 ``<variant>_lora`` (e.g. ``published_lora``): LoRA on the PaliGemma LM (``model.pi0.lora``: rank 16, alpha 16 as
 openpi's ``gemma_2b_lora``; tiny: rank 4) with the LM's own weights frozen (``optim.freeze``), the action expert,
 SigLIP and the projector trained in full.
@@ -26,7 +37,9 @@ import ml_collections
 
 from experiments.configs import finetune
 
-VARIANTS = ("tiny", "tiny_pi05", "published", "published_pi05")  # each also with "_lora" appended
+VARIANTS = ("tiny", "tiny_pi05", "tiny_fast", "published", "published_pi05", "published_fast")  # each also "_lora"
+# π0-FAST's prompt in openpi's FASTTokenizer: the answer ("Action: ...") is the model's to write
+FAST_PROMPT = "Task: {instruction}, State: {state};\n"
 # openpi's gemma_2b_lora (rank 16, alpha 16 on every attention and MLP projection); tiny: rank 4
 LORA = {"tiny": dict(rank=4, alpha=4.0), "published": dict(rank=16, alpha=16.0)}
 # LoRA fine-tuning freezes the LM's own weights (embeddings included) and trains its adapters, SigLIP, the
@@ -45,6 +58,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     variant = variant.removesuffix("_lora")
     if variant not in VARIANTS:
         raise ValueError(f"unknown pi0 variant {variant!r}; known: {list(VARIANTS)}, each also with '_lora'")
+    if variant.endswith("_fast"):
+        return _fast_config(variant.startswith("tiny"), lora)
     pi05 = variant.endswith("pi05")
     tiny = variant.startswith("tiny")
     sizes = dict(TINY if tiny else PUBLISHED, pi05=pi05)
@@ -75,4 +90,26 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         c.model.dtype = "bfloat16"
         c.optim.learning_rate = 2.5e-5
         c.train.steps = 30_000
+    return c
+
+
+def _fast_config(tiny: bool, lora: bool) -> ml_collections.ConfigDict:
+    """π0-FAST in openpi's layout (see the module docstring)."""
+    c = get_config(("tiny" if tiny else "published") + ("_lora" if lora else ""))
+    c.workdir = "runs/pi0_fast"
+    c.data.action_horizon = 10                  # openpi's pi0_fast_libero (its DROID configs: 16)
+    c.data.normalization = "bounds"             # openpi: quantiles for every model but π0
+    c.data.max_state_dim = 0                    # openpi's FAST pipeline pads neither state nor actions
+    c.data.max_action_dim = 0
+    c.model.preset = "pi0_fast"
+    c.model.head = "fast"
+    c.model.fast_layout = "openpi"
+    c.model.head_kwargs = ml_collections.ConfigDict({"tokenizer": ""})  # a FAST processor directory or vlax file
+    if not tiny:
+        c.model.head_kwargs.max_decoding_steps = 256  # openpi's sample_actions
+    c.model.state_dim = 0
+    c.model.action_dim = 0
+    c.model.state_input = "none"
+    c.model.max_text_len = 48 if tiny else 96       # prompt and state (Gemma splits digits); the postfix is the head's
+    c.model.prompt = FAST_PROMPT
     return c

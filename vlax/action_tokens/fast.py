@@ -17,7 +17,9 @@ more). Every coefficient is one alphabet character and BPE only merges, so a chu
 ``H * A`` tokens.
 
 A tokenizer is saved as ONE json file (the BPE model, ``scale``, ``min_token``/``max_token`` and the action
-shape); nothing is pickled.
+shape); nothing is pickled. :meth:`FastTokenizer.load` also reads the released Hugging Face processor format
+(openpi's universal ``physical-intelligence/fast``), whose arithmetic differs slightly: see
+:mod:`vlax.action_tokens.fast_universal`.
 """
 
 from __future__ import annotations
@@ -63,7 +65,32 @@ class DecodeStats:
     truncated: int = 0  # encodings cut to a caller's maximum length
 
 
-class FastTokenizer:
+class PaddedCodec:
+    """Padded batch encode / decode over a tokenizer's ``encode`` / ``decode`` (the API the FAST head calls)."""
+
+    stats: DecodeStats
+
+    def encode_padded(self, chunks: np.ndarray, length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids int32 [B, length], lengths int32 [B])``; a longer encoding is cut (counted in ``stats``)."""
+        seqs = self.encode(chunks)
+        ids = np.full((len(seqs), length), pad_id, np.int32)
+        lengths = np.zeros(len(seqs), np.int32)
+        for i, seq in enumerate(seqs):
+            if len(seq) > length:
+                self.stats.truncated += 1
+                warnings.warn(f"a chunk took {len(seq)} FAST tokens, more than the maximum {length}; it is cut "
+                              "(raise the head's max_tokens)", stacklevel=2)
+                seq = seq[:length]
+            ids[i, :len(seq)], lengths[i] = seq, len(seq)
+        return ids, lengths
+
+    def decode_padded(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``decode`` of ``ids [B, T]`` cut to ``lengths [B]``."""
+        ids, lengths = np.asarray(ids), np.asarray(lengths)
+        return self.decode([row[:int(n)] for row, n in zip(ids, lengths)])
+
+
+class FastTokenizer(PaddedCodec):
     """A fitted FAST tokenizer for chunks of shape ``action_shape = (H, A)``.
 
     Build one with :meth:`fit` (from normalized chunks) or :meth:`load` (a saved file).
@@ -142,20 +169,6 @@ class FastTokenizer:
         """Token ids of each chunk: ``[B, H, A]`` (or one ``[H, A]``) -> ``B`` lists of ids in ``[0, vocab)``."""
         return [self.bpe.encode(self.coefficient_string(c)).ids for c in self._check_chunks(chunks)]
 
-    def encode_padded(self, chunks: np.ndarray, length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids int32 [B, length], lengths int32 [B])``; a longer encoding is cut (counted in ``stats``)."""
-        seqs = self.encode(chunks)
-        ids = np.full((len(seqs), length), pad_id, np.int32)
-        lengths = np.zeros(len(seqs), np.int32)
-        for i, seq in enumerate(seqs):
-            if len(seq) > length:
-                self.stats.truncated += 1
-                warnings.warn(f"a chunk took {len(seq)} FAST tokens, more than the maximum {length}; it is cut "
-                              "(raise the head's max_tokens)", stacklevel=2)
-                seq = seq[:length]
-            ids[i, :len(seq)], lengths[i] = seq, len(seq)
-        return ids, lengths
-
     # ---- decoding ----------------------------------------------------------------------------------------------
     def decode(self, sequences: Iterable[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """``(chunks float32 [B, H, A], valid bool [B])`` of ``B`` id sequences; never raises per sequence.
@@ -185,11 +198,6 @@ class FastTokenizer:
             warnings.warn(f"{bad} of {len(valid)} FAST token sequences were invalid and decoded as zeros",
                           stacklevel=2)
         return np.stack(chunks) if chunks else np.zeros((0, *self.action_shape), np.float32), np.array(valid, bool)
-
-    def decode_padded(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`decode` of ``ids [B, T]`` cut to ``lengths [B]``."""
-        ids, lengths = np.asarray(ids), np.asarray(lengths)
-        return self.decode([row[:int(n)] for row, n in zip(ids, lengths)])
 
     # ---- files -------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -230,8 +238,19 @@ class FastTokenizer:
                    action_horizon=data["action_horizon"], action_dim=data["action_dim"])
 
     @classmethod
-    def load(cls, path: str) -> "FastTokenizer":
-        """Read a tokenizer file written by :meth:`save`."""
+    def load(cls, path: str, *, action_horizon: int | None = None, action_dim: int | None = None) -> Any:
+        """Read a tokenizer file written by :meth:`save`, or a released Hugging Face FAST processor directory
+        (``physical-intelligence/fast``: ``processor_config.json`` + ``tokenizer.json``), which gives a
+        :class:`vlax.action_tokens.fast_universal.UniversalFastTokenizer` for chunks ``[action_horizon,
+        action_dim]`` (the universal processor records no shape). A vlax file carries its own shape."""
+        from vlax.action_tokens.fast_universal import UniversalFastTokenizer, is_processor_path
+
+        if is_processor_path(path):
+            return UniversalFastTokenizer.load(path, action_horizon=action_horizon, action_dim=action_dim)
+        if os.path.isdir(path):
+            raise FileNotFoundError(f"{path} is a directory without processor_config.json; a FAST tokenizer is a "
+                                    "vlax json file (experiments/fit_fast_tokenizer.py) or a Hugging Face FAST "
+                                    "processor directory")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no FAST tokenizer file at {path}; write one with "
                                     "experiments/fit_fast_tokenizer.py")

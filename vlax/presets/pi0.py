@@ -14,7 +14,12 @@ Composition (every piece is a shared vlax module)::
     training: t ~ Beta(1.5, 1) * 0.999 + 0.001, x_t = t noise + (1 - t) a, target noise - a; sampling: Euler
     steps from t = 1 to 0.
     π0-FAST (``model.preset='pi0_fast'``): no expert; the ``fast`` head decodes FAST tokens through Gemma's tied
-    LM head with the KV cache.
+    LM head with the KV cache. ``model.fast_layout='openpi'`` places them as openpi does (FAST id t at PaliGemma id
+    ``257151 - 128 - t``, targets ``Action: <FAST>|<eos>`` after a ``Task: ..., State: ...;\n`` prompt; needs
+    PaliGemma's tokenizer as ``model.tokenizer``), ``'vlax'`` (default) as vlax's own FAST policies do (the
+    vocabulary's last ids, an end marker of their own). See :mod:`vlax.heads.fast`. openpi feeds its FAST models
+    every camera unmasked (a missing one as a black frame): its sampler's attention window assumes no masked
+    prefix token, so do the same to match it.
     LoRA (``model.pi0.lora``): low-rank adapters on the Gemma LM's projections, for fine-tuning with the LM frozen.
 
 Observation: ``images {camera: [B, h, w, 3]}`` (uint8, or float in [0, 1]), optional ``image_masks {camera: [B]}``
@@ -25,6 +30,7 @@ Observation: ``images {camera: [B, h, w, 3]}`` (uint8, or float in [0, 1]), opti
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Mapping
 
 import jax
@@ -234,11 +240,62 @@ def _build(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: int, rng
     head_name = model.get("head") or default
     head_kwargs = {**dict(dict(model.get("head_defaults", {})).get(head_name, {})),
                    **dict(model.get("head_kwargs", {}))}
-    if head_name == "fast":  # a tokenizer file's path becomes the fitted tokenizer the head calls on the host
-        from vlax.build import fast_tokenizer
-
-        head_kwargs["tokenizer"] = fast_tokenizer({**dict(model), "head": "fast"})
+    if head_name == "fast":
+        head_kwargs = fast_head_kwargs(model, spec, head_kwargs)
     return Pi0Policy(spec, sizes, head_name=head_name, head_kwargs=head_kwargs, rngs=rngs)
+
+
+FAST_LAYOUTS = ("vlax", "openpi")
+TEXT_TOKENIZER_KINDS = ("byte", "word")  # model.tokenizer values that are no file: no PaliGemma tokenizer
+
+
+def fast_layout(model: Mapping[str, Any], default: str = "vlax") -> str:
+    """``model.fast_layout`` (or ``head_kwargs.layout``; they must agree), else ``default``."""
+    given = model.get("fast_layout") or None
+    kwarg = dict(model.get("head_kwargs", {})).get("layout")
+    if given and kwarg and given != kwarg:
+        raise ValueError(f"model.fast_layout={given!r} but model.head_kwargs.layout={kwarg!r}; set one of them")
+    layout = str(given or kwarg or default)
+    if layout not in FAST_LAYOUTS:
+        raise ValueError(f"model.fast_layout={layout!r} is unknown; known: {list(FAST_LAYOUTS)}")
+    return layout
+
+
+def fast_text_tokenizer(model: Mapping[str, Any], given: Any = None) -> Any:
+    """The text tokenizer the ``'openpi'`` FAST layout reads ``Action: ``, ``|`` and EOS from: ``given`` (an object
+    or a path), else the file ``model.tokenizer`` names; None when neither is a tokenizer file."""
+    from vlax.tokenizers import load_tokenizer
+
+    source = given if given is not None else model.get("tokenizer")
+    if source is None or (isinstance(source, str) and source in TEXT_TOKENIZER_KINDS):
+        return None
+    return load_tokenizer(source) if isinstance(source, (str, os.PathLike)) else source
+
+
+def fast_head_kwargs(model: Mapping[str, Any], spec: PolicySpec, head_kwargs: Mapping[str, Any], *,
+                     layout: str | None = None) -> dict[str, Any]:
+    """The ``fast`` head's kwargs with its tokenizers resolved: a FAST tokenizer path (a vlax json file or a
+    Hugging Face FAST processor directory) loads for the spec's chunk shape; the ``'openpi'`` layout adds the text
+    tokenizer (:func:`fast_text_tokenizer`)."""
+    from vlax.action_tokens import FastTokenizer
+
+    kwargs = dict(head_kwargs)
+    tokenizer = kwargs.get("tokenizer")
+    if tokenizer is None:
+        raise ValueError("model.head='fast' needs model.head_kwargs.tokenizer: the path of a FAST tokenizer file "
+                         "(experiments/fit_fast_tokenizer.py writes one) or of a Hugging Face FAST processor "
+                         "directory (openpi's physical-intelligence/fast)")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        kwargs["tokenizer"] = FastTokenizer.load(os.fspath(tokenizer), action_horizon=spec.horizon,
+                                                 action_dim=spec.action_dim)
+    kwargs["layout"] = layout = layout or fast_layout(model)
+    if layout == "openpi":
+        text = fast_text_tokenizer(model, kwargs.get("text_tokenizer"))
+        if text is None:
+            raise ValueError(f"model.fast_layout='openpi' needs PaliGemma's text tokenizer: set model.tokenizer to "
+                             f"its tokenizer.model path (got model.tokenizer={model.get('tokenizer')!r})")
+        kwargs["text_tokenizer"] = text
+    return kwargs
 
 
 @register("pi0")
@@ -255,6 +312,7 @@ def build_pi05(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: int,
 
 @register("pi0_fast")
 def build_pi0_fast(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: int, rngs: nnx.Rngs) -> Pi0Policy:
-    """``model.preset='pi0_fast'``: PaliGemma with the ``fast`` head (FAST tokens through Gemma's tied LM head,
-    the vocabulary's last ids; ``model.head_kwargs.tokenizer``: a FAST tokenizer file). No action expert."""
+    """``model.preset='pi0_fast'``: PaliGemma with the ``fast`` head (FAST tokens through Gemma's tied LM head;
+    ``model.head_kwargs.tokenizer``: a FAST tokenizer file or processor directory; ``model.fast_layout``: where
+    the tokens sit, ``'vlax'`` or openpi's ``'openpi'``). No action expert."""
     return _build(model, spec, text_vocab_size, rngs, pi05=False, default="fast")

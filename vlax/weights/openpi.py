@@ -14,7 +14,12 @@ openpi's released ``checkpoints/<name>/params`` is an orbax PyTree checkpoint (O
 * in fine-tuned checkpoints, LoRA adapters beside the einsum weights (folded into them on import).
 
 The variant is read from the keys: π0, π0.5, or π0-FAST (PaliGemma alone, loaded with the ``fast`` head, which
-decodes FAST tokens through Gemma's tied LM head; its tokenizer comes from ``model.head_kwargs.tokenizer``).
+decodes FAST tokens through Gemma's tied LM head; its tokenizer comes from ``model.head_kwargs.tokenizer``, for
+openpi's models a local copy of the ``physical-intelligence/fast`` processor directory). A π0-FAST checkpoint is
+set up for openpi's token layout (``model.fast_layout='openpi'``: FAST ids below PaliGemma's last 128 ids,
+``Action: ... |`` around them) whenever PaliGemma's text tokenizer is configured (``model.tokenizer``: its
+``tokenizer.model``); without one it falls back, with a warning, to vlax's own layout, which only fits policies
+vlax trained and exported itself.
 
 Example::
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -275,10 +281,7 @@ def load_openpi(path: str | Path, model: Mapping[str, Any], spec, *, dtype=None,
         if head_name != "fast":
             raise CheckpointError(f"{path} is a π0-FAST checkpoint (no action expert); model.head={head_name!r} "
                                   "needs one: use model.head='fast'")
-        from vlax.build import fast_tokenizer
-
-        head_kwargs = {**dict(model.get("head_kwargs", {})),
-                       "tokenizer": fast_tokenizer({**dict(model), "head": "fast"})}
+        head_kwargs = _fast_head_kwargs(model, spec, path)
     given = dict(dict(model).get("pi0", {}))
     conflicts = {k: (given[k], v) for k, v in found.items() if k in given and k != "vision" and given[k] != v}
     if conflicts:
@@ -295,6 +298,27 @@ def load_openpi(path: str | Path, model: Mapping[str, Any], spec, *, dtype=None,
         tensors = {k: place_array(v, shardings[k], dtype or shapes[k].dtype, name=k, shape=shapes[k].shape)
                    if k in shardings and k in shapes else v for k, v in tensors.items()}
     return assign_params(abstract, tensors, dtype=dtype, sources=sources), sizes
+
+
+def _fast_head_kwargs(model: Mapping[str, Any], spec, path: str | Path) -> dict[str, Any]:
+    """The ``fast`` head's kwargs for a π0-FAST checkpoint: openpi's layout unless the config says otherwise or
+    no PaliGemma tokenizer is configured (then vlax's, warned about)."""
+    from vlax.presets.pi0 import fast_head_kwargs, fast_layout, fast_text_tokenizer
+
+    kwargs = {**dict(dict(model.get("head_defaults", {})).get("fast", {})), **dict(model.get("head_kwargs", {}))}
+    if kwargs.get("tokenizer") is None:
+        return fast_head_kwargs(model, spec, kwargs)  # the error naming model.head_kwargs.tokenizer
+    if model.get("fast_layout") or kwargs.get("layout"):
+        layout = fast_layout(model)
+    elif fast_text_tokenizer(model, kwargs.get("text_tokenizer")) is not None:
+        layout = "openpi"
+    else:
+        warnings.warn(f"the π0-FAST checkpoint at {path} is loaded with vlax's own FAST layout because no PaliGemma "
+                      "tokenizer is configured; openpi's π0-FAST checkpoints decode only with "
+                      "model.tokenizer=<PaliGemma tokenizer.model> (model.fast_layout='openpi' then follows)",
+                      stacklevel=3)
+        layout = "vlax"
+    return fast_head_kwargs(model, spec, kwargs, layout=layout)
 
 
 # ---- normalization -----------------------------------------------------------------------------------------------
