@@ -9,6 +9,17 @@ real-time chunking is on) is compiled by :meth:`ServedPolicy.warmup` before the 
 A policy with a slow plan step (Helix's S2, :mod:`vlax.dual_rate`) is served per connection by a
 :class:`PlanSession`: every request gets the act step with the connection's latest plan, and the plan step runs
 every ``plan_every`` requests, by default on a background thread so that a slow plan never delays a reply.
+
+A policy that sees an observation history (``obs_history = T > 1``) keeps one
+:class:`~vlax.observation_history.ObservationHistory` per connection (:class:`Connection`): each request brings one
+observation step, which :meth:`ServedPolicy.prepare` records in that connection's window and turns into model
+inputs for the window ending with it, so micro-batched requests of different connections each carry their own
+window. A new connection starts an empty history (its first step fills the window); the control frame
+``{"__ctrl__": "episode_start"}`` (what some openpi clients' ``episode_start()`` sends; ``"reset"`` is accepted too)
+resets the connection's history and plan and is answered ``{"__ack__": <name>}``; ``"episode_end"`` is acknowledged.
+
+Replies carry the actions the policy executes from the current step (:meth:`PolicyRunner.executed`: the whole
+chunk, or the policy's ``executed`` slice, e.g. Diffusion Policy's ``n_action_steps`` from index ``T - 1``).
 """
 
 from __future__ import annotations
@@ -25,10 +36,15 @@ import numpy as np
 from flax import nnx
 
 import vlax
+from vlax.observation_history import PAD_MASK_KEY, ObservationHistory
 from vlax.serve import keys
 from vlax.serve import rtc as rtc_lib
 from vlax.serve.codec import ProtocolError, unpackb
 from vlax.serve.keys import RequestError
+
+CONTROL_KEY, ACK_KEY = "__ctrl__", "__ack__"
+RESET_CONTROLS = ("episode_start", "reset")  # a new episode: the connection's history and plan start afresh
+CONTROLS = (*RESET_CONTROLS, "episode_end")
 
 
 @dataclasses.dataclass
@@ -87,6 +103,14 @@ class ServedPolicy:
                              f"{self.head_name}")
         if self.rtc:
             rtc_lib.check_schedule(self.spec.horizon, self.delay_steps, max(self.delay_steps, 1))
+        self.executed_steps = tuple(getattr(runner, "executed_steps", range(self.spec.horizon)))
+        if self.rtc and self.executed_steps[0] != 0:
+            # The guide aligns the previous chunk's remaining actions with the start of the predicted chunk, which
+            # such a policy does not execute.
+            raise ValueError(f"real-time chunking needs a policy that executes its chunk from index 0; this one "
+                             f"executes from index {self.executed_steps[0]} (obs_history={self.spec.obs_history}); "
+                             "serve it without --rtc")
+        self.pad_mask = bool(getattr(runner, "reads_pad_mask", False))
         graphdef, state = nnx.split(model)
         self._state = state
         self._batched = self._compile(graphdef, guided=False)
@@ -119,7 +143,10 @@ class ServedPolicy:
         meta.update({
             "vlax_version": getattr(vlax, "__version__", "0.1.0"),
             "cameras": {c: [self.spec.image_size, self.spec.image_size, 3] for c in self.spec.cameras},
-            "state_dim": self.state_dim, "action_dim": self.action_dim, "action_horizon": self.spec.horizon,
+            "state_dim": self.state_dim, "action_dim": self.action_dim,
+            "action_horizon": len(self.executed_steps),  # the actions of each reply
+            "chunk_horizon": self.spec.horizon, "executed_from": self.executed_steps[0],
+            "obs_history": self.spec.obs_history, "controls": list(CONTROLS),
             "head": self.head_name, "observation_keys": keys.key_table(self.spec.cameras),
             "rtc": self.rtc, "delay_steps": self.delay_steps, "max_batch": self.max_batch,
             "plan_every": self.plan_every,
@@ -139,10 +166,17 @@ class ServedPolicy:
             raise RequestError(f"a request must be a msgpack map, got {type(request).__name__}")
         return request
 
-    def prepare(self, request: Mapping[str, Any] | bytes, key: jax.Array | None = None) -> Prepared:
-        """Validate a request (a decoded map, or the raw message) and build its model inputs."""
+    def prepare(self, request: Mapping[str, Any] | bytes, key: jax.Array | None = None,
+                history: ObservationHistory | None = None) -> Prepared:
+        """Validate a request (a decoded map, or the raw message) and build its model inputs.
+
+        A policy with ``obs_history > 1`` needs the connection's ``history``: the request's observation step is
+        recorded there and the inputs are the window ending with it (a rejected request leaves it unchanged)."""
         if isinstance(request, (bytes, bytearray, memoryview)):
             request = self.decode(request)
+        if CONTROL_KEY in request:
+            raise RequestError(f"{CONTROL_KEY!r} is a control frame, not an observation; send it on a connection "
+                               "(the server answers it) or call ServedPolicy.control")
         raw = keys.parse_observation(request, cameras=self.spec.cameras, state_dim=self.state_dim,
                                      default_prompt=self.default_prompt)
         guide = None
@@ -155,12 +189,39 @@ class ServedPolicy:
             guide = self._guide(*rtc_inputs)
         batched = {"images": {c: v[None] for c, v in raw["images"].items()}, "state": raw["state"][None],
                    "prompt": [raw["prompt"]]}
+        if self.spec.obs_history > 1 and history is None:
+            raise ValueError(f"this policy sees obs_history={self.spec.obs_history} observation steps; prepare each "
+                             "request with its connection's history: prepare(request, history=connection.history) "
+                             "with connection = policy.connection() per client")
+        before = None if history is None else history.snapshot()
         try:
+            if history is not None:
+                try:
+                    batched = history.push(batched)
+                except ValueError as e:
+                    raise ValueError(f"{e}; a client starts a new episode with the control frame "
+                                     f"{{{CONTROL_KEY!r}: 'episode_start'}}") from None
             inputs = self.pipeline.model_inputs(batched)
         except (KeyError, TypeError, ValueError) as e:
+            if history is not None:
+                history.restore(before)
             raise RequestError(str(e).strip("'\"")) from None
+        if self.pad_mask and history is not None:
+            inputs[PAD_MASK_KEY] = history.pad_mask()
         return Prepared(inputs=inputs, key=self.next_key() if key is None else key, prompt=raw["prompt"],
                         guide=guide)
+
+    def control(self, request: Mapping[str, Any], connection: "Connection | None" = None) -> dict:
+        """Answer a control frame ``{"__ctrl__": name}``: ``episode_start`` / ``reset`` reset the connection's
+        history and plan, ``episode_end`` is acknowledged; the reply is ``{"__ack__": name}``."""
+        name = request.get(CONTROL_KEY)
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", errors="replace")
+        if not isinstance(name, str) or name not in CONTROLS:
+            raise RequestError(f"unknown control {name!r}; send {CONTROL_KEY!r} as one of {list(CONTROLS)}")
+        if name in RESET_CONTROLS and connection is not None:
+            connection.reset()
+        return {ACK_KEY: name}
 
     def _guide(self, remaining: np.ndarray, delay: int) -> tuple[np.ndarray, np.ndarray]:
         h, a_model = self.spec.horizon, self.spec.action_dim
@@ -192,7 +253,7 @@ class ServedPolicy:
         n = len(batch)
         if n == 1 and not guided:
             normalized = self.runner.sample_normalized(batch[0].inputs, batch[0].key)
-            return self.pipeline.actions(normalized)
+            return self.pipeline.actions(self._executed(normalized))
         size = next(b for b in self.buckets if b >= n)
         padded = list(batch) + [batch[-1]] * (size - n)
         inputs = jax.tree.map(lambda *xs: np.concatenate(xs, 0), *[p.inputs for p in padded])
@@ -207,11 +268,20 @@ class ServedPolicy:
             weights = np.zeros((size, h, a), np.float32)
             fn = self._batched
         normalized = fn(self._state, inputs, keys_, target, weights)
-        return self.pipeline.actions(np.asarray(normalized)[:n])
+        return self.pipeline.actions(self._executed(np.asarray(normalized)[:n]))
+
+    def _executed(self, normalized: Any) -> Any:
+        """The chunk actions the policy executes (the runner's hook; a runner without one returns the chunk)."""
+        hook = getattr(self.runner, "executed", None)
+        return normalized if hook is None else hook(normalized)
 
     def session(self) -> "PlanSession | None":
         """A connection's dual-rate state, or None for a policy without a plan step."""
         return None if self.plan_every is None else PlanSession(self)
+
+    def connection(self) -> "Connection":
+        """The state of one client connection: its observation history and its plan (each only when needed)."""
+        return Connection(self)
 
     def warmup(self, image_shape: tuple[int, int] | None = None) -> float:
         """Compile every batch size (and the guided sampler) on a blank observation; returns the seconds taken."""
@@ -220,7 +290,8 @@ class ServedPolicy:
         h, w = image_shape or (side, side)
         request = {f"observation/{c}": np.zeros((h, w, 3), np.uint8) for c in self.spec.cameras}
         request.update({"observation/state": np.zeros(self.state_dim, np.float32), "prompt": "warm up"})
-        blank = self.prepare(request, key=jax.random.key(0))
+        history = ObservationHistory(self.spec.obs_history) if self.spec.obs_history > 1 else None
+        blank = self.prepare(request, key=jax.random.key(0), history=history)
         for size in self.buckets if self.plan_every is None else ():  # sessions serve dual-rate policies
             np.asarray(self._sample([blank] * size, False))
         if self.rtc:
@@ -251,7 +322,7 @@ class PlanSession:
             raise RequestError("real-time chunking is not available for a policy with a plan step; send requests "
                                "without prev_actions")
         normalized = self.executor.act(prepared.inputs, prepared.key)
-        return self.policy.pipeline.actions(np.asarray(normalized))[0]
+        return self.policy.pipeline.actions(self.policy._executed(np.asarray(normalized)))[0]
 
     @property
     def stats(self) -> Any:
@@ -259,3 +330,24 @@ class PlanSession:
 
     def close(self) -> None:
         self.executor.close()
+
+
+class Connection:
+    """One client connection: the observation history of a policy with ``obs_history > 1`` (None otherwise) and
+    the :class:`PlanSession` of a dual-rate policy (None otherwise). Requests of one connection arrive in lockstep,
+    so its history records them in order."""
+
+    def __init__(self, policy: ServedPolicy, asynchronous: bool | None = None):
+        self.history = ObservationHistory(policy.spec.obs_history) if policy.spec.obs_history > 1 else None
+        self.plan = None if policy.plan_every is None else PlanSession(policy, asynchronous)
+
+    def reset(self) -> None:
+        """A new episode: an empty history (the next step fills the window) and no plan."""
+        if self.history is not None:
+            self.history.reset()
+        if self.plan is not None:
+            self.plan.executor.reset()
+
+    def close(self) -> None:
+        if self.plan is not None:
+            self.plan.close()

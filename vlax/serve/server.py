@@ -10,6 +10,9 @@
   other clients during a long inference; with ``max_batch > 1`` concurrent requests are sampled together.
 * Bounded memory: at most ``max_connections`` connections, each in lockstep with at most ``max_queue`` frames of
   at most ``max_message_bytes`` buffered.
+* Per-connection state (:class:`vlax.serve.engine.Connection`): a policy with ``obs_history > 1`` keeps each
+  connection's window of observation steps, a dual-rate policy its plan. Both start afresh on a new connection and
+  on a control frame ``{"__ctrl__": "episode_start"}`` (or ``"reset"``), answered ``{"__ack__": ...}``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from vlax.serve.codec import packb
-from vlax.serve.engine import Prepared, ServedPolicy
+from vlax.serve.engine import CONTROL_KEY, Connection, Prepared, ServedPolicy
 from vlax.serve.keys import RequestError
 
 log = logging.getLogger("vlax.serve")
@@ -129,13 +132,23 @@ class PolicyServer:
 
     # ---- one connection --------------------------------------------------------------------------------------------
 
-    async def _infer(self, message: bytes, session: Any = None) -> tuple[Any, float]:
+    def _prepare(self, message: bytes, connection: Connection) -> Any:
+        """A decoded request -> :class:`Prepared`, or the reply to a control frame (a dict)."""
+        request = self.policy.decode(message)
+        if CONTROL_KEY in request:
+            return self.policy.control(request, connection)
+        return self.policy.prepare(request, history=connection.history)
+
+    async def _infer(self, message: bytes, connection: Connection) -> tuple[Any, float | None]:
+        """``(actions, infer_ms)``, or ``(control reply, None)`` for a control frame."""
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self._executor, self.policy.prepare, message)
+        prepared = await loop.run_in_executor(self._executor, self._prepare, message, connection)
+        if isinstance(prepared, dict):
+            return prepared, None
         started = time.perf_counter()
-        if session is not None:  # a dual-rate policy: the connection's own plan, never micro-batched
-            actions = await loop.run_in_executor(self._executor, session.infer, prepared)
-        elif self._batcher is not None:
+        if connection.plan is not None:  # a dual-rate policy: the connection's own plan, never micro-batched
+            actions = await loop.run_in_executor(self._executor, connection.plan.infer, prepared)
+        elif self._batcher is not None:  # each request brings its own window: batching mixes connections safely
             actions = await self._batcher.submit(prepared)
         else:
             actions = (await loop.run_in_executor(self._executor, self.policy.infer_many, [prepared]))[0]
@@ -143,7 +156,7 @@ class PolicyServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         self.connections += 1
-        session = self.policy.session()
+        connection = self.policy.connection()
         try:
             await ws.send(packb(self.metadata))
             prev_total_ms = None
@@ -154,7 +167,7 @@ class PolicyServer:
                     await ws.send("error: expected a binary msgpack frame, got a text frame")
                     continue
                 try:
-                    actions, infer_ms = await self._infer(message, session)
+                    actions, infer_ms = await self._infer(message, connection)
                 except RequestError as e:
                     self.errors += 1
                     await ws.send(f"error: {e}")
@@ -163,6 +176,9 @@ class PolicyServer:
                     self.errors += 1
                     log.exception("inference failed")
                     await ws.send("error: internal server error during inference (see the server log)")
+                    continue
+                if infer_ms is None:  # a control frame's acknowledgement
+                    await ws.send(packb(actions))
                     continue
                 timing = {"infer_ms": infer_ms}
                 if prev_total_ms is not None:
@@ -175,8 +191,7 @@ class PolicyServer:
             pass
         finally:
             self.connections -= 1
-            if session is not None:
-                await asyncio.get_running_loop().run_in_executor(self._executor, session.close)
+            await asyncio.get_running_loop().run_in_executor(self._executor, connection.close)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
 

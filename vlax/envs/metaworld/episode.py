@@ -3,7 +3,11 @@
 A worker owns one environment at a time (built by the dataset generator's :func:`ensure_env`, so the camera, its
 pose, the render settings and the upright rotation are the recorded data's) and one policy, loaded once and jitted
 once for a batch of one. The policy is called only when it must act: once per chunk with receding-horizon
-execution, every step with temporal ensembling; the camera is rendered only for those calls (and for video).
+execution, every step with temporal ensembling; the camera is rendered only for those calls (and for video). A
+policy that sees an observation history (``obs_history = T > 1``) was trained on windows of T consecutive control
+steps, so it observes every step: the camera is rendered and the step recorded in its window even while the
+action queue still runs, and it acts on the window ending at the current step. Chunks go through the policy's
+``executed`` hook (:meth:`vlax.inference.PolicyRunner.executed`) before they are queued or ensembled.
 
 Nothing here imports JAX at module level: a worker sets its thread and GL environment first. TensorFlow is never
 imported: it segfaults in a process that renders with Mesa's EGL (measured with tensorflow-cpu 2.21, mujoco 3.3.0,
@@ -84,9 +88,10 @@ class EpisodeJob:
 class _ExpertActor:
     """Meta-World's scripted expert as a policy with chunks of one action (it reads the simulator state)."""
 
-    horizon = 1
+    horizon = chunk_horizon = 1
     compiles = False
     dual = None
+    observes_every_step = False
 
     def __init__(self):
         self.expert, self.calls = None, 0
@@ -104,25 +109,36 @@ class _ExpertActor:
 
 
 class _CheckpointActor:
-    """A trained policy, fed frames the way its training data reached it (without TensorFlow, see below)."""
+    """A trained policy, fed frames the way its training data reached it (without TensorFlow, see below).
+
+    ``runner`` (a :class:`vlax.inference.PolicyRunner` built in this process) replaces loading ``path``; its
+    pipeline must resize with ``resize_backend="jax"`` in a rendering worker.
+    """
 
     compiles = True  # its first call traces and compiles
 
-    def __init__(self, path: str, step: int | None, settings: RolloutSettings):
+    def __init__(self, path: str | None, step: int | None, settings: RolloutSettings, *, runner: Any = None):
         from vlax.inference import PolicyRunner
 
         self.calls = 0
         # TensorFlow cannot share this process with EGL rendering: the pipeline resizes with JAX's equal kernel.
-        self.runner = PolicyRunner.from_checkpoint(path, step=step, resize_backend="jax")
+        self.runner = runner if runner is not None else \
+            PolicyRunner.from_checkpoint(path, step=step, resize_backend="jax")
         self.pipeline = self.runner.pipeline
-        self.horizon = int(self.runner.spec.horizon)
+        self.chunk_horizon = int(self.runner.spec.horizon)
+        self.horizon = int(self.runner.executed_horizon)  # the actions queued / ensembled per call
         self.settings = settings
         self.state_dim = self.pipeline.metadata()["state_dim"]
         self.camera = self.runner.spec.cameras[0]
+        # The policy's window of the last obs_history steps; a pass-through when it sees one step.
+        self.session = self.runner.session()
+        self.observes_every_step = self.runner.spec.obs_history > 1
         self.dual, self._duals = None, {}  # a dual-rate executor per (plan_every, mode), kept across episodes
 
     def start_episode(self, job: "EpisodeJob") -> None:
-        """A planning policy starts the episode without a plan, its executor's compile state kept."""
+        """A new episode starts with an empty observation history and, for a planning policy, without a plan
+        (its executor's compile state kept)."""
+        self.session.reset()
         if not self.runner.plans:
             return
         if job.plan_mode not in PLAN_MODES:
@@ -144,11 +160,19 @@ class _CheckpointActor:
             frame = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
         return frame[None]
 
+    def _raw(self, frame: np.ndarray, sim_obs: np.ndarray, instruction: str) -> dict:
+        """One control step as a batched raw observation (batch of one)."""
+        return {"images": {self.camera: self._image(frame)}, "state": sim_obs[None, :self.state_dim],
+                "prompt": [instruction]}
+
+    def observe(self, frame: np.ndarray, sim_obs: np.ndarray, instruction: str) -> None:
+        """Record a control step at which the policy does not act (a history policy sees every step)."""
+        self.session.observe(self._raw(frame, sim_obs, instruction))
+
     def inputs(self, frame: np.ndarray, sim_obs: np.ndarray, instruction: str) -> dict:
-        """Model inputs for this frame, state and instruction, through the policy's observation pipeline."""
-        raw = {"images": {self.camera: self._image(frame)}, "state": sim_obs[None, :self.state_dim],
-               "prompt": [instruction]}
-        return self.pipeline.model_inputs(raw)
+        """Model inputs for this frame, state and instruction, through the policy's observation pipeline (the
+        window ending with this step when the policy sees a history; the step is recorded in it)."""
+        return self.session.model_inputs(self._raw(frame, sim_obs, instruction))
 
     def act(self, frame: np.ndarray, sim_obs: np.ndarray, instruction: str, key: Any, step: int = 0) -> np.ndarray:
         inputs = self.inputs(frame, sim_obs, instruction)
@@ -156,7 +180,7 @@ class _CheckpointActor:
             normalized = self.dual.act(inputs, key, step)
         else:
             normalized = self.runner.sample_normalized(inputs, key)
-        chunk = self.pipeline.actions(normalized)[0]  # [H, A]
+        chunk = self.pipeline.actions(self.runner.executed(normalized))[0]  # [n, A]
         return np.clip(chunk, -1.0, 1.0)
 
 
@@ -205,30 +229,80 @@ def run_episode(job: EpisodeJob) -> dict[str, Any]:
       The episode record of the results schema (see :mod:`vlax.envs.metaworld.evaluate`); ``compile_s`` is set when this
       episode made the worker's first (compiling) policy call and that call's time is kept out of ``policy_s``.
     """
+    started = time.perf_counter()
+    env, expert = sim.ensure_env(job.task, job.settings)
+    actor = _actor(job, expert)
+    rollout = run_rollout(env, actor, job, lambda t: _frame(job.task, job.layout_seed, t))
+    if not _worker.get("close_at_exit"):
+        # After the first render mujoco has registered its display teardown; hooks run last-in first-out, so the
+        # environment's GL context is freed before the display goes.
+        atexit.register(sim.close_env)
+        _worker["close_at_exit"] = True
+    if job.video_path:
+        from vlax.eval.video import write_video
+
+        write_video(job.video_path, rollout.pop("frames"), fps=job.video_fps)
+    actions = rollout.pop("actions")
+    return {
+        "task": job.task,
+        "episode": job.episode,
+        "layout_seed": job.layout_seed,
+        "instruction": job.instruction,
+        "success": rollout["first_success"] >= 0,
+        "first_success_step": rollout["first_success"],
+        "steps": len(actions),
+        "return": rollout["return"],
+        "policy_calls": rollout["calls"],
+        "actions_sha1": hashlib.sha1(actions.tobytes()).hexdigest(),
+        "video": job.video_path,
+        "wall_s": time.perf_counter() - started,
+        "policy_s": rollout["policy_s"],
+        "compile_s": rollout["compile_s"],
+        "dual_rate": rollout["dual_rate"],
+    }
+
+
+def _replan_every(job: EpisodeJob, actor: Any) -> int:
+    """Actions executed per chunk: the job's, where "the whole chunk" (the evaluator's default, ``H``) means the
+    actions the policy's ``executed`` hook keeps."""
+    replan = job.replan_every
+    if job.execution == "receding" and replan > actor.horizon:
+        if replan == actor.chunk_horizon:
+            return actor.horizon
+        raise ValueError(f"replan_every={replan} exceeds the {actor.horizon} actions the policy executes per chunk "
+                         f"(of the {actor.chunk_horizon} it predicts); use replan_every <= {actor.horizon}")
+    return replan
+
+
+def run_rollout(env: Any, actor: Any, job: EpisodeJob, render: Any) -> dict[str, Any]:
+    """The control loop of one episode on a built environment (``seed``, ``reset``, ``step``,
+    ``max_path_length``); ``render(t)`` returns the camera frame ``uint8 [S, S, 3]`` of control step ``t``.
+
+    Returns ``actions`` (float32 ``[T, A]``), ``frames`` (the rendered frames when ``job.video_path`` is set),
+    ``calls``, ``policy_s``, ``compile_s``, ``return``, ``first_success`` (-1: none) and ``dual_rate``.
+    """
     import jax
 
     from vlax.heads.execution import ActionQueue
 
-    started = time.perf_counter()
-    env, expert = sim.ensure_env(job.task, job.settings)
-    actor = _actor(job, expert)
-    if job.execution == "receding" and job.replan_every > actor.horizon:
-        raise ValueError(f"replan_every={job.replan_every} exceeds the policy's chunk of {actor.horizon} actions")
+    replan = _replan_every(job, actor)
     actor.start_episode(job)
     dual_before = None if actor.dual is None else dataclasses.replace(actor.dual.stats)
     env.seed(job.layout_seed)
     obs, _ = env.reset()
     limit = env.max_path_length if job.max_steps is None else min(job.max_steps, env.max_path_length)
     episode_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(job.seed), job.task_index), job.episode)
-    queue = ActionQueue(job.replan_every) if job.execution == "receding" else None
+    queue = ActionQueue(replan) if job.execution == "receding" else None
     if queue is None:
         ensembler, update = _ensembler(actor.horizon, job.ensemble_k)
         ensemble_state = ensembler.init(1, sim.ACTION_DIM)
+    observes_every_step = bool(getattr(actor, "observes_every_step", False))
     frames, actions = [], []
     calls, policy_s, compile_s, episode_return, first_success = 0, 0.0, None, 0.0, -1
     for t in range(limit):
         must_act = queue is None or len(queue) == 0
-        frame = _frame(job.task, job.layout_seed, t) if must_act or job.video_path else None
+        needs_frame = must_act or observes_every_step
+        frame = render(t) if needs_frame or job.video_path else None
         if job.video_path:
             frames.append(frame)
         if must_act:
@@ -241,6 +315,8 @@ def run_episode(job: EpisodeJob) -> dict[str, Any]:
                 policy_s += elapsed
             calls += 1
             actor.calls += 1
+        elif observes_every_step:  # the window holds consecutive steps, as in training
+            actor.observe(frame, obs, job.instruction)
         if queue is not None:
             if must_act:
                 queue.push(chunk[None])
@@ -257,33 +333,9 @@ def run_episode(job: EpisodeJob) -> dict[str, Any]:
         if truncated:
             break
     dual_rate = None if actor.dual is None else _dual_rate_record(actor.dual, dual_before)
-    if not _worker.get("close_at_exit"):
-        # After the first render mujoco has registered its display teardown; hooks run last-in first-out, so the
-        # environment's GL context is freed before the display goes.
-        atexit.register(sim.close_env)
-        _worker["close_at_exit"] = True
-    if job.video_path:
-        from vlax.eval.video import write_video
-
-        write_video(job.video_path, frames, fps=job.video_fps)
-    actions = np.asarray(actions, np.float32)
-    return {
-        "task": job.task,
-        "episode": job.episode,
-        "layout_seed": job.layout_seed,
-        "instruction": job.instruction,
-        "success": first_success >= 0,
-        "first_success_step": first_success,
-        "steps": len(actions),
-        "return": episode_return,
-        "policy_calls": calls,
-        "actions_sha1": hashlib.sha1(actions.tobytes()).hexdigest(),
-        "video": job.video_path,
-        "wall_s": time.perf_counter() - started,
-        "policy_s": policy_s,
-        "compile_s": compile_s,
-        "dual_rate": dual_rate,
-    }
+    return {"actions": np.asarray(actions, np.float32), "frames": frames, "calls": calls, "policy_s": policy_s,
+            "compile_s": compile_s, "return": episode_return, "first_success": first_success,
+            "dual_rate": dual_rate}
 
 
 def _dual_rate_record(dual: Any, before: Any) -> dict[str, Any]:
