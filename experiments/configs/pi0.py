@@ -29,6 +29,9 @@ layout instead (any tokenizer, e.g. ``byte``).
 ``<variant>_lora`` (e.g. ``published_lora``): LoRA on the PaliGemma LM (``model.pi0.lora``: rank 16, alpha 16 as
 openpi's ``gemma_2b_lora``; tiny: rank 4) with the LM's own weights frozen (``optim.freeze``), the action expert,
 SigLIP and the projector trained in full.
+
+π0.5 variants take knowledge insulation (``--config.model.knowledge_insulation.tokenizer=<FAST tokenizer>``): the
+VLM co-trained on the chunk's FAST tokens, the flow loss kept off it (see :mod:`vlax.presets.pi0`).
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.model.max_text_len = 16 if tiny else (200 if pi05 else 48)
     c.model.prompt = "pi05" if pi05 else "pi0"
     c.model.tokenizer = "byte"  # or PaliGemma's tokenizer.json
+    if pi05:  # knowledge insulation: on when given a FAST tokenizer (a vlax file or a processor directory)
+        c.model.knowledge_insulation = ml_collections.ConfigDict({"tokenizer": "", "fast_weight": 1.0})
     if lora:
         c.model.pi0.lora = ml_collections.ConfigDict(LORA["tiny" if tiny else "published"])
         c.optim.freeze = LORA_FREEZE

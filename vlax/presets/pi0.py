@@ -21,6 +21,9 @@ Composition (every piece is a shared vlax module)::
     every camera unmasked (a missing one as a black frame): its sampler's attention window assumes no masked
     prefix token, so do the same to match it.
     LoRA (``model.pi0.lora``): low-rank adapters on the Gemma LM's projections, for fine-tuning with the LM frozen.
+    Knowledge insulation (``model.knowledge_insulation``, π0.5 with KI, Driess et al. 2025): the VLM is trained
+    on FAST tokens of the chunk (cross-entropy through its LM head) while the flow loss reaches the expert only,
+    the VLM's keys / values seen through ``stop_gradient``; sampling is the flow head's.
 
 Observation: ``images {camera: [B, h, w, 3]}`` (uint8, or float in [0, 1]), optional ``image_masks {camera: [B]}``
 (False: that example has no such camera), ``state [B, action_dim]`` (π0, normalized, zero-padded),
@@ -147,7 +150,8 @@ class Pi0Policy(nnx.Module):
     """π0 / π0.5 (see the module docstring); keeps :class:`vlax.policy.VLA`'s contract."""
 
     def __init__(self, spec: PolicySpec, sizes: Pi0Sizes, *, head_name: str | None = None,
-                 head_kwargs: Mapping[str, Any] | None = None, rngs: nnx.Rngs):
+                 head_kwargs: Mapping[str, Any] | None = None, insulation: Mapping[str, Any] | None = None,
+                 rngs: nnx.Rngs):
         if spec.image_size != sizes.vision.image_size:
             raise ValueError(f"the policy spec has image_size={spec.image_size}; π0's SigLIP reads "
                              f"{sizes.vision.image_size}x{sizes.vision.image_size}: set model.image_size to it")
@@ -169,6 +173,11 @@ class Pi0Policy(nnx.Module):
                              accumulate_time=True), **kwargs}
         self.head = get_head(head_name, action_dim=spec.action_dim, horizon=spec.horizon,
                              context=head_context_spec(sizes.llm), rngs=rngs, **kwargs)
+        # Knowledge insulation: a FAST head on the VLM beside the flow head (it has no parameters of its own)
+        kwargs = dict(insulation or {})
+        self.fast_weight = float(kwargs.pop("fast_weight", 1.0)) if kwargs else 0.0
+        self.fast_head = get_head("fast", action_dim=spec.action_dim, horizon=spec.horizon,
+                                  context=head_context_spec(sizes.llm), rngs=rngs, **kwargs) if kwargs else None
 
     def embed_images(self, obs: Mapping[str, Any]) -> tuple[list[jax.Array], list[jax.Array]]:
         """Per camera: tokens ``[B, n_img, D]`` and their mask ``[B, n_img]`` (False for a masked camera)."""
@@ -199,6 +208,8 @@ class Pi0Policy(nnx.Module):
     def context(self, obs: Mapping[str, Any]) -> HeadContext:
         embeds, mask, ar = self.embed_prefix(obs)
         slots = getattr(self.head, "cache_slots", None)
+        if self.fast_head is not None:
+            slots = max(int(slots or 0), self.fast_head.cache_slots)
         cache_size = None if slots is None else embeds.shape[1] + int(slots)
         out = self.backbone(embeds=embeds, input_mask=mask, ar_mask=ar, cache_size=cache_size)
         state = None
@@ -211,9 +222,22 @@ class Pi0Policy(nnx.Module):
 
     def loss(self, obs: Mapping[str, Any], actions: jax.Array, *, action_mask: jax.Array | None = None,
              rngs: jax.Array, train: bool = True) -> tuple[jax.Array, dict]:
-        """Training loss on normalized, padded ``actions [B, H, A]``."""
-        return self.head.loss(self.context(obs), actions, action_mask=action_mask, rngs=rngs, train=train,
-                              lm=self.backbone)
+        """Training loss on normalized, padded ``actions [B, H, A]``.
+
+        With knowledge insulation (``model.knowledge_insulation``): ``flow + fast_weight * FAST cross-entropy``,
+        the flow head reading the VLM's keys / values through ``stop_gradient`` (its loss trains the expert only;
+        the VLM learns from the FAST tokens), metrics ``flow_loss`` and ``fast_loss`` beside ``loss``.
+        """
+        ctx = self.context(obs)
+        if self.fast_head is None:
+            return self.head.loss(ctx, actions, action_mask=action_mask, rngs=rngs, train=train, lm=self.backbone)
+        insulated = ctx.replace(tokens=jax.lax.stop_gradient(ctx.tokens), cache=jax.lax.stop_gradient(ctx.cache))
+        flow, _ = self.head.loss(insulated, actions, action_mask=action_mask, rngs=rngs, train=train,
+                                 lm=self.backbone)
+        fast, fast_metrics = self.fast_head.loss(ctx, actions, action_mask=action_mask, rngs=rngs, train=train,
+                                                 lm=self.backbone)
+        loss = flow + self.fast_weight * fast
+        return loss, {"loss": loss, "flow_loss": flow, "fast_loss": fast, "fast_accuracy": fast_metrics["accuracy"]}
 
     def flow_loss(self, obs: Mapping[str, Any], actions: jax.Array, noise: jax.Array, time: jax.Array) -> jax.Array:
         """openpi's ``compute_loss`` for given draws: ``noise [B, H, A]``, ``time [B]`` -> per-step loss ``[B, H]``."""
@@ -242,7 +266,22 @@ def _build(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: int, rng
                    **dict(model.get("head_kwargs", {}))}
     if head_name == "fast":
         head_kwargs = fast_head_kwargs(model, spec, head_kwargs)
-    return Pi0Policy(spec, sizes, head_name=head_name, head_kwargs=head_kwargs, rngs=rngs)
+    return Pi0Policy(spec, sizes, head_name=head_name, head_kwargs=head_kwargs,
+                     insulation=_insulation(model, spec, head_name), rngs=rngs)
+
+
+def _insulation(model: Mapping[str, Any], spec: PolicySpec, head_name: str) -> dict[str, Any] | None:
+    """``model.knowledge_insulation``: ``{tokenizer, fast_weight, <other fast head kwargs>}``; off without a
+    tokenizer. The FAST layout is ``model.fast_layout`` (default ``'vlax'``: the tokens follow π0.5's prompt,
+    which already ends in ``Action: ``)."""
+    ki = {k: v for k, v in dict(model.get("knowledge_insulation") or {}).items() if v is not None}
+    if not ki.get("tokenizer"):
+        return None
+    if head_name not in ("flow", "flow_pi05"):
+        raise ValueError(f"model.knowledge_insulation co-trains FAST tokens beside a flow head; model.head is "
+                         f"{head_name!r}")
+    weight = float(ki.pop("fast_weight", 1.0))
+    return {**fast_head_kwargs(model, spec, ki), "fast_weight": weight}
 
 
 FAST_LAYOUTS = ("vlax", "openpi")
