@@ -22,7 +22,22 @@ import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
 
+# One persistent XLA compilation cache per test run, shared by the xdist workers: many tests build the same tiny
+# programs (one config trained by several tests, one model sampled by several), and each is then compiled once.
+# Per run, never reused across runs, so a run's timing and results never depend on an earlier one.
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"solo{os.getpid()}"
+XLA_CACHE_DIR = os.path.join(tempfile.gettempdir(), f"vlax_test_xla_cache_{_RUN_ID}")
+if not os.environ.get("VLAX_TEST_NO_XLA_CACHE"):
+    jax.config.update("jax_compilation_cache_dir", XLA_CACHE_DIR)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
 import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session):
+    """The run's compilation cache goes with the run (removed by the controller, after every worker is done)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(XLA_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -82,7 +82,9 @@ def test_frozen_batch_norm_resnet18_equals_transformers_resnet():
     np.testing.assert_allclose(np.asarray(ours), want, atol=1e-5, rtol=1e-5)
     # hidden_states = (embeddings, stage1, ..., stage4)
     for ours_stage, theirs in zip(stages, out.hidden_states[1:]):
-        np.testing.assert_allclose(np.asarray(ours_stage), theirs.numpy().transpose(0, 2, 3, 1), atol=1e-5, rtol=1e-5)
+        # Stage activations reach |x| ~ 4 after up to 17 convolutions summing 9 * C products each: float32 round-off
+        # of different convolution algorithms (oneDNN vs XLA) reaches ~1.2e-5 there (measured), so 2e-5 absolute.
+        np.testing.assert_allclose(np.asarray(ours_stage), theirs.numpy().transpose(0, 2, 3, 1), atol=2e-5, rtol=1e-5)
 
 
 def test_frozen_statistics_are_not_trainable_parameters():

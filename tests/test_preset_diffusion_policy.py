@@ -247,7 +247,8 @@ def test_tiny_preset_trains_on_the_lerobot_fixture_then_acts(tmp_path):
     raw = {"images": {k: rng.integers(0, 256, (1, 2, 64, 64, 3), np.uint8) for k in ("top", "wrist")},
            "state": rng.normal(size=(1, 2, 4)).astype(np.float32), "prompt": ["pick up the red cube"]}
     actions = runner.infer(raw, rng=jax.random.key(0))
-    assert actions.shape == (1, 8, 4) and np.all(np.isfinite(actions))
+    # the executed slice of the 8-step chunk: n_action_steps actions from the current step (index obs_history - 1)
+    assert actions.shape == (1, runner.model().n_action_steps, 4) and np.all(np.isfinite(actions))
 
 
 def test_observation_history_windows_pad_episode_starts_by_repeating_the_first_frame():
