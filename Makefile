@@ -18,8 +18,10 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 # Two workers, one per core of the CI machine; a test file stays on one worker (its module fixtures are built once).
+# Most tests run on 2 fake CPU devices; the sharding tests (marked eight_devices) on 8, in a second run.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	VLAX_TEST_DEVICES=2 $(PY) -m pytest -q -n 2 --dist loadfile -m "not eight_devices" tests
+	VLAX_TEST_DEVICES=8 $(PY) -m pytest -q -n 2 --dist loadfile -m eight_devices tests
 
 demo: $(STAMP)
 	$(PY) -m experiments.demo

@@ -10,6 +10,8 @@ from flax import nnx
 from vlax.backbones import TokenEmbed, Transformer, TransformerConfig, get_config
 from vlax.nn import logical_axes_of
 
+pytestmark = pytest.mark.eight_devices  # sharding layouts over an 8-device mesh
+
 TOL = 1e-5
 
 

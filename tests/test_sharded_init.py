@@ -15,6 +15,8 @@ from vlax.train.optimizer import OptimizerConfig, make_optimizer
 from vlax.train.sharding import make_mesh, state_shardings
 from vlax.train.state import create_train_state, create_train_state_sharded
 
+pytestmark = pytest.mark.eight_devices  # sharding layouts over an 8-device mesh
+
 FSDP_MIN_BYTES = 4096
 
 

@@ -7,6 +7,8 @@ import pytest
 
 from vlax.checkpoint import Checkpointer
 
+pytestmark = pytest.mark.eight_devices  # sharding layouts over an 8-device mesh
+
 
 def _state(seed):
     k = jax.random.key(seed)

@@ -5,6 +5,8 @@ import pytest
 
 from vlax.train.finetune import transplant
 
+pytestmark = pytest.mark.eight_devices  # sharding layouts over an 8-device mesh
+
 
 def test_transplant_copies_and_reinitialises_exactly_what_the_regex_names():
     old = {"backbone": {"w": np.ones((4, 4))}, "head": {"out": np.ones((4, 7))}}

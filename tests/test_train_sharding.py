@@ -10,6 +10,8 @@ from jax.sharding import PartitionSpec as P
 import vlax.nn as vn
 from vlax.train import make_mesh, spec_for, state_shardings
 
+pytestmark = pytest.mark.eight_devices  # sharding layouts over an 8-device mesh
+
 
 def test_mesh_shapes_and_errors():
     assert dict(make_mesh(2, 2, 2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}

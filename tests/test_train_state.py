@@ -11,6 +11,8 @@ from vlax.train import make_mesh
 from vlax.train.optimizer import OptimizerConfig, make_optimizer
 from vlax.train.state import check_finite, create_train_state, jit_train_step, make_train_step
 
+pytestmark = pytest.mark.eight_devices  # sharding layouts over an 8-device mesh
+
 
 class Toy(nnx.Module):
     def __init__(self, rngs):
