@@ -92,3 +92,41 @@ def test_unknown_resize_mode_names_the_known_ones():
     with pytest.raises(ValueError, match="data.image_resize"):
         build_pipeline([InMemorySource("arm", trajectories(np.random.default_rng(0)))],
                        DataConfig(image_resize="letterbox"), process_index=0, process_count=1)
+
+
+@pytest.mark.parametrize("action_chunks", ["oldest", "every_step"])
+def test_a_history_window_trains_on_the_chunks_its_policy_asks_for(action_chunks):
+    """obs_history=2: "oldest" gives the chunk from the window's older step (Diffusion Policy), "every_step" a chunk
+    from each window step (Octo's readouts); the window's pad mask reaches the model inputs."""
+    trajs = trajectories(np.random.default_rng(1))
+    source = InMemorySource("arm", trajs, gripper_last=True)
+    spec = PolicySpec(cameras=("top",), image_size=32, state_dim=5, action_dim=3, horizon=2, max_text_len=48,
+                      obs_history=2, action_chunks=action_chunks)
+    config = DataConfig(batch_size=4, action_horizon=2, image_size=32, window=2, train=False, drop_remainder=False,
+                        stats_cache_dir=None, max_state_dim=5)
+    tokenizer = ByteTokenizer()
+    data = build_pipeline([source], config, process_index=0, process_count=1,
+                          tokenize=lambda i, s, d=None: tokenize_prompts(tokenizer, "plain", i, 48, s, d))
+    pipeline = ObservationPipeline(spec, tokenizer, data.artifacts)
+    seen = 0
+    for batch in data:
+        out = pipeline.from_batch(batch)
+        state = pipeline.artifact.unnormalize("state", out["obs"]["state"])  # [B, 2, S]
+        pad = out["obs"]["timestep_pad_mask"]
+        actions = pipeline.artifact.unnormalize("action", out["actions"])
+        want_shape = (len(state), 2, 2, 3) if action_chunks == "every_step" else (len(state), 2, 3)
+        assert actions.shape == want_shape and out["action_mask"].shape == want_shape
+        for b in range(len(state)):
+            current = int(round(state[b, -1, 0]))
+            traj, t = trajs[current // 10], current % 10
+            assert list(pad[b]) == [t >= 1, True]  # the older step of an episode's first window is padding
+            starts = [t - 1, t] if action_chunks == "every_step" else [t - 1]
+            for k, start in enumerate(starts):
+                if start < 0:
+                    continue
+                got = actions[b, k] if action_chunks == "every_step" else actions[b]
+                mask = out["action_mask"][b, k] if action_chunks == "every_step" else out["action_mask"][b]
+                want = traj["action"][start:start + 2]
+                np.testing.assert_allclose(got[:len(want)][mask[:len(want)]], want[mask[:len(want)]], atol=1e-5)
+            seen += 1
+    assert seen == sum(len(t["action"]) for t in trajs)

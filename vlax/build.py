@@ -100,7 +100,8 @@ def policy_spec(config: Mapping[str, Any], *, cameras: tuple[str, ...] | None = 
                       state_input=model["state_input"], num_readouts=int(model.get("num_readouts", 0)),
                       state_bins=int(model.get("state_bins", 256)),
                       obs_history=int(data.get("obs_history", 1)),
-                      image_resize=str(data.get("image_resize", "stretch")))
+                      image_resize=str(data.get("image_resize", "stretch")),
+                      action_chunks=str(data.get("action_chunks", "oldest")))
 
 
 def check_components(model: Mapping[str, Any]) -> None:

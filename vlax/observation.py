@@ -211,18 +211,27 @@ class ObservationPipeline:
             ids, mask = self.tokenize(list(task["language_instruction"]), state if state.ndim == 2 else state[:, -1])
         obs = {"images": images, "state": _pad_last(state, self.spec.state_dim, "state"), "text_ids": ids,
                "text_mask": mask}
+        history = self.spec.obs_history
+        if history > 1 and "timestep_pad_mask" in observation:  # False: a window step before the episode start
+            obs["timestep_pad_mask"] = self._window(np.asarray(observation["timestep_pad_mask"], bool), 2)
         actions = np.asarray(batch["action"], np.float32)
         action_mask = np.asarray(batch["action_mask"], bool)
         if actions.ndim == 4:  # [B, W, H, A]
             # One observation: the actions that follow it. A history of T: the actions from its oldest step, as
-            # Diffusion Policy trains (the chunk's index T - 1 is the current step).
-            step = -1 if self.spec.obs_history == 1 else -self.spec.obs_history
-            actions, action_mask = actions[:, step], action_mask[:, step]
-        if actions.shape[1] < self.spec.horizon:
-            raise ValueError(f"batch has an action horizon of {actions.shape[1]}, the policy predicts "
+            # Diffusion Policy trains (the chunk's index T - 1 is the current step), or from each of its T steps.
+            if history > 1 and self.spec.action_chunks == "every_step":
+                actions, action_mask = actions[:, -history:], action_mask[:, -history:]
+            else:
+                step = -1 if history == 1 else -history
+                actions, action_mask = actions[:, step], action_mask[:, step]
+        elif history > 1 and self.spec.action_chunks == "every_step":
+            raise ValueError(f"the policy trains a chunk per window step (action_chunks='every_step') but the batch's "
+                             f"actions {list(actions.shape)} have no window axis")
+        if actions.shape[-2] < self.spec.horizon:
+            raise ValueError(f"batch has an action horizon of {actions.shape[-2]}, the policy predicts "
                              f"{self.spec.horizon}")
-        actions = _pad_last(actions[:, :self.spec.horizon], self.spec.action_dim, "action")
-        action_mask = _pad_last(action_mask[:, :self.spec.horizon], self.spec.action_dim, "action")
+        actions = _pad_last(actions[..., :self.spec.horizon, :], self.spec.action_dim, "action")
+        action_mask = _pad_last(action_mask[..., :self.spec.horizon, :], self.spec.action_dim, "action")
         return {"obs": obs, "actions": actions, "action_mask": action_mask}
 
     def _window(self, x: np.ndarray, windowed_ndim: int) -> np.ndarray:

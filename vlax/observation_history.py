@@ -14,9 +14,8 @@ The first step after :meth:`reset` fills the whole window with copies of itself,
 queues do (``populate_queues``: an empty queue is filled with the first observation) and as Octo's
 ``HistoryWrapper`` does. Octo also marks those copies as padding with a ``timestep_pad_mask`` (False for the
 ``T - min(steps seen, T)`` oldest entries); :meth:`pad_mask` gives the same mask, and the runner passes it to a
-policy that declares it reads one (:func:`reads_timestep_pad_mask`). vlax's training batches do not carry it
-(``ObservationPipeline.from_batch`` hands the model the repeated frames unmasked), so a vlax-trained policy is fed
-no mask, exactly as it was trained.
+policy that declares it reads one (:func:`reads_timestep_pad_mask`, Octo's preset), as its training batches
+carried the data pipeline's mask (``ObservationPipeline.from_batch``); other policies are fed no mask.
 
 With ``T = 1`` the history is a pass-through: :meth:`push` returns the very observation it was given.
 """

@@ -56,15 +56,24 @@ class PolicySpec:
     # How frames of another shape reach image_size: "stretch" or "pad" (aspect kept, zeros left and top), the
     # same op in the training pipeline and at inference (vlax.data.resize).
     image_resize: str = "stretch"
+    # Which actions a history window trains on: "oldest" (one chunk [B, H, A] from the window's oldest step, as
+    # Diffusion Policy and RoboFlamingo train) or "every_step" ([B, T, H, A], a chunk from each window step, as Octo
+    # trains one readout per step).
+    action_chunks: str = "oldest"
 
     def __post_init__(self):
         check_resize_mode(self.image_resize)
+        if self.action_chunks not in ACTION_CHUNKS:
+            raise ValueError(f"action_chunks={self.action_chunks!r}; use one of {ACTION_CHUNKS}")
         if self.obs_history < 1:
             raise ValueError(f"obs_history={self.obs_history}; a policy sees at least the current observation (1)")
         if self.state_input not in STATE_INPUTS:
             raise ValueError(f"state_input={self.state_input!r}; known: {list(STATE_INPUTS)}")
         if not self.cameras:
             raise ValueError("a policy needs at least one camera")
+
+
+ACTION_CHUNKS = ("oldest", "every_step")
 
 
 class VLA(nnx.Module):

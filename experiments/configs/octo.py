@@ -41,6 +41,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c = finetune.get_config("tiny")
     c.workdir = "runs/octo"
     c.data.obs_history = 2                         # Octo's window
+    c.data.action_chunks = "every_step"             # each window step's readout trains on its own chunk
     c.data.action_horizon = 4
     c.data.normalization = "normal"                # mean / std, as Octo's NORMAL
     c.data.image_size = 64 if variant == "tiny" else 256

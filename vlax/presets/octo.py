@@ -106,6 +106,9 @@ class OctoSizes:
 class OctoPolicy(nnx.Module):
     """The Octo policy (module docstring); keeps :class:`vlax.policy.VLA`'s contract."""
 
+    # Live runs pass the history's timestep_pad_mask [B, T] (vlax.observation_history), as training batches do.
+    reads_timestep_pad_mask = True
+
     def __init__(self, spec: PolicySpec, sizes: OctoSizes, *, head_name: str = "diffusion",
                  head_kwargs: Mapping[str, Any] | None = None, rngs: nnx.Rngs):
         if spec.obs_history > sizes.max_horizon:

@@ -230,7 +230,7 @@ def octo_layout(path: str | Path) -> tuple[OctoSizes, PolicySpec, str, dict]:
     spec = PolicySpec(cameras=tuple(c.name for c in cameras) or ("none",),
                       image_size=cameras[0].image_size if cameras else 0, state_dim=state_dim,
                       action_dim=action_dim, horizon=horizon, max_text_len=tokens, state_input="none",
-                      obs_history=window)
+                      obs_history=window, action_chunks="every_step")
     return sizes, spec, head_name, head_kwargs
 
 
