@@ -35,7 +35,7 @@ from vlax.tokenizers import SentencePieceTokenizer
 H, A, B = 4, 3, 2
 VOCAB, SKIP, MIN_TOKEN, SCALE = 1024, 128, -354, 10.0
 CAMERA = "base_0_rgb"
-INSTRUCTIONS = ["pick up the red block", "open the drawer"]  # lower case: openpi lower-cases, vlax's template not
+INSTRUCTIONS = ["Pick up the red_block ", "open the drawer"]  # cleaned as openpi does: lower case, _ -> space
 TEXTS = INSTRUCTIONS + ["push the cube to the goal", "Task: , State: ;\n", "Action: ", "a|b", "0 1 2 3 4 5 6 7 8 9"]
 
 

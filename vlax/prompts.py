@@ -6,6 +6,7 @@
 
 Known names: ``plain`` (the instruction as is), ``pi0`` / ``paligemma`` (instruction cleaned, then a newline
 tokenized on its own as the start-of-answer token), ``pi05`` (``Task: ..., State: <bins>;\\nAction: ``),
+``pi0_fast`` (openpi's FAST prompt ``Task: ..., State: <bins>;\\n``, instruction lower-cased),
 ``openvla`` (``In: What action should the robot take to ...?\\nOut:``, instruction lower-cased as in its training
 data) and ``smolvla`` (instruction ending in a newline). A string containing ``{instruction}`` (optionally
 ``{state}``) is a custom template.
@@ -32,6 +33,11 @@ def clean_paligemma(text: str) -> str:
 
 def _lower(text: str) -> str:
     return text.lower()
+
+
+def clean_openpi_fast(text: str) -> str:
+    """openpi's FASTTokenizer cleaning: lower-cased, surrounding whitespace dropped, underscores become spaces."""
+    return text.lower().strip().replace("_", " ")
 
 
 def discretize_state(state: np.ndarray, bins: int = 256) -> str:
@@ -85,6 +91,8 @@ PROMPTS: dict[str, PromptTemplate] = {
     "pi0": PromptTemplate("pi0", clean=clean_paligemma, suffix="\n"),
     "paligemma": PromptTemplate("paligemma", clean=clean_paligemma, suffix="\n"),
     "pi05": PromptTemplate("pi05", "Task: {instruction}, State: {state};\nAction: ", clean=clean_paligemma),
+    # π0-FAST: the answer ("Action: ...") is the model's to write
+    "pi0_fast": PromptTemplate("pi0_fast", "Task: {instruction}, State: {state};\n", clean=clean_openpi_fast),
     "openvla": PromptTemplate("openvla", "In: What action should the robot take to {instruction}?\nOut:", clean=_lower),
     "smolvla": PromptTemplate("smolvla", ensure_suffix="\n"),
 }

@@ -21,8 +21,8 @@ alone decoding FAST tokens. Set ``--config.model.tokenizer`` to PaliGemma's ``to
 ``--config.model.head_kwargs.tokenizer`` to a FAST tokenizer: a local copy of openpi's ``physical-intelligence/fast``
 processor directory, or a vlax file from ``experiments/fit_fast_tokenizer.py``. As openpi's FAST pipeline, actions
 and state are not padded (``model.action_dim`` / ``state_dim`` 0: the data's), normalized by quantiles, and the
-prompt is ``Task: <instruction>, State: <256 bins>;\n`` (openpi also lower-cases the instruction; vlax's template
-keeps its case). ``published_fast`` is openpi's ``pi0_fast_libero`` (chunk 10, 256 decoding steps); start from
+prompt is ``Task: <instruction>, State: <256 bins>;\n`` with the instruction lower-cased as openpi does.
+``published_fast`` is openpi's ``pi0_fast_libero`` (chunk 10, 256 decoding steps); start from
 ``pi0_fast_base`` with ``vlax.weights.openpi.load_openpi``. ``--config.model.fast_layout=vlax`` trains vlax's own
 layout instead (any tokenizer, e.g. ``byte``).
 
@@ -41,8 +41,8 @@ import ml_collections
 from experiments.configs import finetune
 
 VARIANTS = ("tiny", "tiny_pi05", "tiny_fast", "published", "published_pi05", "published_fast")  # each also "_lora"
-# π0-FAST's prompt in openpi's FASTTokenizer: the answer ("Action: ...") is the model's to write
-FAST_PROMPT = "Task: {instruction}, State: {state};\n"
+# π0-FAST's prompt in openpi's FASTTokenizer (vlax.prompts: "Task: ..., State: ...;\n", lower-cased)
+FAST_PROMPT = "pi0_fast"
 # openpi's gemma_2b_lora (rank 16, alpha 16 on every attention and MLP projection); tiny: rank 4
 LORA = {"tiny": dict(rank=4, alpha=4.0), "published": dict(rank=16, alpha=16.0)}
 # LoRA fine-tuning freezes the LM's own weights (embeddings included) and trains its adapters, SigLIP, the
