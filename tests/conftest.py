@@ -43,6 +43,7 @@ def pytest_configure(config):
                                        "default)")
 
 
+@pytest.hookimpl(trylast=True)  # after -m has deselected
 def pytest_collection_modifyitems(config, items):
     """Selecting an eight-device test in a process with fewer devices is a usage error, not a confusing failure."""
     devices = len(jax.devices())
