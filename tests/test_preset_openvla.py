@@ -259,6 +259,10 @@ def test_tiny_preset_trains_on_the_lerobot_fixture(tmp_path):
     c.model.tokenizer = "byte"
     c.model.openvla.text.vocab_size = c.model.openvla.action_vocab_size = 512
     c.model.openvla.append_trailing_token = False  # 29871 is Llama-2's id
+    # 2 blocks per tower (the second-to-last one is read: one runs) and 1 LM layer: about 16% less CPU time
+    # (train() measured at 41-51 s against 51-61 s); multi-layer stacks are trained by the OFT test above
+    c.model.openvla.dino.depth = c.model.openvla.siglip.depth = 2
+    c.model.openvla.text.depth = 1
     c.model.max_text_len = 24
     c.train.steps = c.train.save_every = 2
     c.train.log_every, c.train.progress, c.train.tensorboard = 1, False, False

@@ -13,6 +13,11 @@ does. The two pretrained families differ only in options:
   pooled class token only (``post_norm_scope="pooled"``: the patch tokens leave the last block unnormalised, as
   transformers' ``CLIPVisionModel.last_hidden_state`` does).
 
+FiLM (OpenVLA-OFT's language conditioning, ``film_dim``): every block modulates its tokens after the attention
+residual and before the MLP, ``x = x * (1 + scale(c)) + shift(c)`` with ``c [B, film_dim]`` passed as
+``film_cond`` (:class:`vlax.nn.film.FiLM`); with ``film_dim=None`` (the default) blocks hold no FiLM layer and run
+exactly as without the option.
+
 Position embeddings are resized to the input's patch grid with PyTorch-equal bicubic weights
 (:mod:`vlax.encoders.interpolate`), so any resolution that is a multiple of the patch size works.
 
@@ -35,6 +40,7 @@ from flax import nnx, struct
 from vlax.encoders.interpolate import resize_grid
 from vlax.nn import Attention, GatedMlp, LayerNorm, LayerScale, Mlp, param, scan_layers, stack_layers
 from vlax.nn.attention import Implementation
+from vlax.nn.film import FiLM, FiLMInit
 
 # big_vision's names for ViT sizes: width, depth, MLP size, heads.
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
@@ -94,6 +100,9 @@ class ViTConfig:
     attn_implementation: Implementation = None
     dtype: str | None = None  # compute dtype, e.g. "bfloat16"; parameters stay param_dtype
     param_dtype: str = "float32"
+    # FiLM in every block by a [B, film_dim] conditioning vector (OpenVLA-OFT+); None: no FiLM layers
+    film_dim: int | None = None
+    film_init: FiLMInit = "uniform"  # torch nn.Linear's default (OFT's); "zeros": the exact identity at init
 
     @classmethod
     def from_variant(cls, variant: str, **overrides) -> "ViTConfig":
@@ -226,7 +235,8 @@ class Embeddings(nnx.Module):
 
 
 class EncoderBlock(nnx.Module):
-    """Pre-norm block: ``x += ls1(attn(ln1(x))); x += ls2(mlp(ln2(x)))`` (LayerScale optional)."""
+    """Pre-norm block: ``x += ls1(attn(ln1(x))); x += ls2(mlp(ln2(x)))`` (LayerScale optional); with
+    ``film_dim``, ``x = film(x, c)`` between the two residuals (OpenVLA-OFT's placement)."""
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         d, dt, pdt = cfg.width, _dtype(cfg.dtype), _dtype(cfg.param_dtype)
@@ -243,13 +253,18 @@ class EncoderBlock(nnx.Module):
         scale = cfg.layer_scale
         self.layer_scale1 = LayerScale(d, init_value=scale, param_dtype=pdt, rngs=rngs) if scale is not None else None
         self.layer_scale2 = LayerScale(d, init_value=scale, param_dtype=pdt, rngs=rngs) if scale is not None else None
+        # created last, so that the block's other parameters draw the same random numbers with or without FiLM
+        self.film = (FiLM(cfg.film_dim, d, init=cfg.film_init, dtype=dt, param_dtype=pdt, rngs=rngs)
+                     if cfg.film_dim is not None else None)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``[B, T, D] -> [B, T, D]``."""
+    def __call__(self, x: jax.Array, film_cond: jax.Array | None = None) -> jax.Array:
+        """``[B, T, D] -> [B, T, D]``; ``film_cond [B, film_dim]`` is required with FiLM, refused without."""
         h, _ = self.self_attn(self.layer_norm1(x))
         if self.layer_scale1 is not None:
             h = self.layer_scale1(h)
         x = x + h.astype(x.dtype)
+        if self.film is not None:
+            x = self.film(x, film_cond)
         h = self.mlp(self.layer_norm2(x))
         if self.layer_scale2 is not None:
             h = self.layer_scale2(h)
@@ -322,23 +337,36 @@ class ViT(nnx.Module):
         x = self.embeddings(pixels, masked_patches)
         return x if self.pre_layernorm is None else self.pre_layernorm(x)
 
-    def _run_layers(self, x: jax.Array, num_layers: int, keep: bool) -> tuple[jax.Array, jax.Array | None]:
+    def _check_film(self, film_cond: jax.Array | None) -> None:
+        film_dim = self.config.film_dim
+        if film_dim is None and film_cond is not None:
+            raise ValueError("film_cond was given but this ViT has no FiLM layers: build it with "
+                             "ViTConfig(film_dim=<conditioning width>) or drop film_cond")
+        if film_dim is not None and (film_cond is None or film_cond.ndim != 2 or film_cond.shape[-1] != film_dim):
+            got = None if film_cond is None else tuple(film_cond.shape)
+            raise ValueError(f"this ViT has FiLM layers (film_dim={film_dim}): pass film_cond [B, {film_dim}] "
+                             f"(OpenVLA-OFT: the mean language embedding), got {got}")
+
+    def _run_layers(self, x: jax.Array, num_layers: int, keep: bool, film_cond: jax.Array | None = None
+                    ) -> tuple[jax.Array, jax.Array | None]:
         layers = self.encoder.layers
         if num_layers < self.config.depth:
             graphdef, state = nnx.split(layers)
             layers = nnx.merge(graphdef, jax.tree.map(lambda a: a[:num_layers], state))
 
         def body(layer: EncoderBlock, h, _):
-            h = layer(h)
+            h = layer(h) if film_cond is None else layer(h, film_cond)
             return h, (h if keep else None)
 
         return scan_layers(layers, body, x, remat=self.config.remat)
 
     def __call__(self, pixels: jax.Array, *, output_hidden_states: bool = False,
-                 masked_patches: jax.Array | None = None) -> ViTOutput:
-        """``pixels [B, H, W, C]`` -> :class:`ViTOutput` (``tokens [B, (H/p)(W/p), D]``)."""
+                 masked_patches: jax.Array | None = None, film_cond: jax.Array | None = None) -> ViTOutput:
+        """``pixels [B, H, W, C]`` -> :class:`ViTOutput` (``tokens [B, (H/p)(W/p), D]``); ``film_cond [B, C]``
+        only for a ViT with ``film_dim``."""
+        self._check_film(film_cond)
         x = self._embed(pixels, masked_patches)
-        last, per_layer = self._run_layers(x, self.config.depth, output_hidden_states)
+        last, per_layer = self._run_layers(x, self.config.depth, output_hidden_states, film_cond)
         hidden = jnp.concatenate([x[None], per_layer], axis=0) if output_hidden_states else None
         norm_all = self.post_layernorm is not None and self.config.post_norm_scope == "all"
         out = self.post_layernorm(last) if norm_all else last
@@ -351,16 +379,17 @@ class ViT(nnx.Module):
             pooled = None
         return ViTOutput(tokens=out[:, p:], prefix=out[:, :p], pooled=pooled, hidden_states=hidden)
 
-    def intermediate(self, pixels: jax.Array, layer: int = -1) -> jax.Array:
+    def intermediate(self, pixels: jax.Array, layer: int = -1, *, film_cond: jax.Array | None = None) -> jax.Array:
         """Patch tokens ``[B, N, D]`` output by block ``layer`` (negative counts from the end), before any final
         norm and without the prefix tokens; only blocks up to ``layer`` run.
 
         ``layer=-2`` is OpenVLA's featurizer: timm ``get_intermediate_layers(n={depth - 2})``, i.e. HF's
-        ``hidden_states[-2][:, prefix:]``.
+        ``hidden_states[-2][:, prefix:]``. ``film_cond [B, C]``: as in :meth:`__call__`.
         """
+        self._check_film(film_cond)
         depth = self.config.depth
         index = layer + depth if layer < 0 else layer
         if not 0 <= index < depth:
             raise ValueError(f"layer {layer} out of range for a {depth}-layer ViT")
-        x, _ = self._run_layers(self._embed(pixels), index + 1, False)
+        x, _ = self._run_layers(self._embed(pixels), index + 1, False, film_cond)
         return x[:, self.num_prefix_tokens:]

@@ -10,6 +10,9 @@ Composition (every piece is a shared vlax module)::
     id ``base_vocab - 1 - k`` (the last 256 ids of the 32000-id Llama-2 vocabulary, not of the padded 32064).
     OpenVLA-OFT (model.head='l1_mlp'): H * A empty action slots appended after the prompt, bidirectional among
     themselves, one forward pass; the L1-regression MLP reads their last hidden states -> [B, H, A].
+    OpenVLA-OFT+ (model.film=True): every block of both towers FiLM-modulates its tokens between the attention and
+    MLP residuals, x * (1 + scale(c)) + shift(c), one scale/shift pair [D_llm, D_tower] per block and tower, c the
+    mean LLM input embedding of the prompt (its real ids and OFT's </s>)                      c [B, D_llm]
 
 ``obs``: ``images {camera: [B, H, W, 3]}`` (uint8 or [0, 1] floats, already at the tower size) or
 ``pixels {"dino": [B, H, W, 3], "siglip": [B, H, W, 3]}`` (already normalised, e.g. from an image processor),
@@ -31,7 +34,7 @@ from flax import nnx
 from vlax.backbones import Transformer
 from vlax.backbones.config import TransformerConfig
 from vlax.encoders.fused import FusedEncoder
-from vlax.encoders.preprocess import IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD
+from vlax.encoders.preprocess import IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, normalize
 from vlax.encoders.vit import ViT, ViTConfig
 from vlax.heads import get_head
 from vlax.nn import Dense, HeadContext
@@ -44,6 +47,9 @@ PROMPT_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut:
 TRAILING_TOKEN_ID = 29871
 # heads that read one context token per action value at the end of the sequence (OpenVLA-OFT)
 PARALLEL_SLOT_HEADS = ("l1_mlp",)
+# OFT's FiLM averages every input embedding that is not an action slot: the prompt and the </s> (id 2) that
+# predict_action places after the slots
+STOP_TOKEN_ID = 2
 
 
 def openvla_prompt(instruction: str) -> str:
@@ -80,10 +86,30 @@ class OpenVLASizes:
     dino_std: tuple = IMAGENET_STD
     siglip_mean: tuple = SIGLIP_MEAN
     siglip_std: tuple = SIGLIP_STD
+    # OpenVLA-OFT+ FiLM (both towers built with film_dim = text.width, see with_film): the id whose embedding the
+    # language mean counts once besides the prompt's real ids; None: the prompt's ids only
+    film_stop_token: int | None = STOP_TOKEN_ID
 
     @property
     def fused_width(self) -> int:
         return self.dino.width + self.siglip.width
+
+    @property
+    def film(self) -> bool:
+        """Whether the towers carry OFT's FiLM layers."""
+        return self.dino.film_dim is not None or self.siglip.film_dim is not None
+
+
+def with_film(sizes: OpenVLASizes, *, init: str = "uniform", stop_token: int | None = STOP_TOKEN_ID) -> OpenVLASizes:
+    """``sizes`` with OpenVLA-OFT's FiLM in every block of both towers, conditioned on the LLM width."""
+    width = sizes.text.width
+    if stop_token is not None and not 0 <= int(stop_token) < sizes.text.vocab_size:
+        raise ValueError(f"film_stop_token={stop_token} is outside the {sizes.text.vocab_size}-id vocabulary: use "
+                         "the tokenizer's </s> id, or None to average the prompt's ids only")
+    return dataclasses.replace(
+        sizes, dino=dataclasses.replace(sizes.dino, film_dim=width, film_init=init),
+        siglip=dataclasses.replace(sizes.siglip, film_dim=width, film_init=init),
+        film_stop_token=None if stop_token is None else int(stop_token))
 
 
 def timm_dinov2_reg(width: int = 1024, depth: int = 24, num_heads: int = 16, *, image_size: int = 224,
@@ -134,9 +160,15 @@ def sizes_from_model(model: Mapping[str, Any], text_vocab_size: int = 0) -> Open
                              num_kv_heads=int(t.get("num_kv_heads", heads)),
                              head_dim=int(t.get("head_dim", int(t["width"]) // heads)),
                              norm_eps=float(t.get("norm_eps", 1e-5)), act="silu", dtype=dtype)
-    return OpenVLASizes(dino=dino, siglip=siglip, text=text, n_bins=int(c.get("n_bins", 256)),
-                        action_vocab_size=action_vocab,
-                        append_trailing_token=bool(c.get("append_trailing_token", True)))
+    sizes = OpenVLASizes(dino=dino, siglip=siglip, text=text, n_bins=int(c.get("n_bins", 256)),
+                         action_vocab_size=action_vocab,
+                         append_trailing_token=bool(c.get("append_trailing_token", True)))
+    if not isinstance(model.get("film", False), bool):
+        raise ValueError(f"model.film must be True or False (OpenVLA-OFT+'s FiLM), got {model['film']!r}")
+    if model.get("film", False):
+        sizes = with_film(sizes, init=str(c.get("film_init", "uniform")),
+                          stop_token=c.get("film_stop_token", STOP_TOKEN_ID))
+    return sizes
 
 
 class FusedGeluMLPProjector(nnx.Module):
@@ -161,6 +193,10 @@ class OpenVLAPolicy(nnx.Module):
     def __init__(self, spec: PolicySpec, sizes: OpenVLASizes, *, head_name: str = "binned_lm",
                  head_kwargs: Mapping[str, Any] | None = None, rngs: nnx.Rngs):
         self.spec, self.sizes = spec, sizes
+        if sizes.film and not sizes.dino.film_dim == sizes.siglip.film_dim == sizes.text.width:
+            raise ValueError(f"OpenVLA's FiLM conditions both towers on the LLM width {sizes.text.width}; got "
+                             f"film_dim {sizes.dino.film_dim} (DINOv2) and {sizes.siglip.film_dim} (SigLIP): build "
+                             "the sizes with vlax.presets.openvla.with_film")
         self.vision = FusedEncoder(ViT(sizes.dino, rngs=rngs), ViT(sizes.siglip, rngs=rngs),
                                    dino_mean=sizes.dino_mean, dino_std=sizes.dino_std,
                                    siglip_mean=sizes.siglip_mean, siglip_std=sizes.siglip_std)
@@ -179,26 +215,75 @@ class OpenVLAPolicy(nnx.Module):
         # OpenVLA-OFT's parallel decoding: H * A empty action slots after the prompt, attending to each other
         self.num_action_slots = spec.horizon * spec.action_dim if head_name in PARALLEL_SLOT_HEADS else 0
 
-    def vision_features(self, obs: Mapping[str, Any]) -> jax.Array:
-        """Fused patch features ``[B, N, D_dino + D_siglip]`` from ``obs["pixels"]`` or the first camera."""
-        if "pixels" in obs:
-            return self.vision(obs["pixels"])
-        images = obs["images"]
-        camera = self.spec.cameras[0] if self.spec.cameras else next(iter(images))
-        if camera not in images:
-            raise KeyError(f"observation lacks camera {camera!r}; it has {sorted(images)}")
-        return self.vision(images[camera])
-
-    def embed_prefix(self, obs: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
-        """``(embeds [B, 1 + N + L - 1, D], mask)``: ``<s>``, the projected patches, then the rest of the prompt."""
+    def _prompt(self, obs: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+        """``(ids, mask) [B, L (+ 1)]``: the prompt with predict_action's trailing id when configured."""
         ids = jnp.asarray(obs["text_ids"])
         if ids.ndim != 2 or ids.shape[1] < 1:
             raise ValueError(f"text_ids has shape {tuple(ids.shape)}; OpenVLA takes [B, L] starting with <s>")
         text_mask = jnp.asarray(obs.get("text_mask", jnp.ones(ids.shape, bool)), bool)
         if self.sizes.append_trailing_token:
             ids, text_mask = append_trailing_token(ids, text_mask)
-        patches = self.projector(self.vision_features(obs))
-        tokens = self.backbone.embed_tokens(ids).astype(patches.dtype)
+        return ids, text_mask
+
+    def language_embedding(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        """FiLM's conditioning ``[B, D_llm]`` (float32): the mean of the prompt's input embeddings
+        ``tokens [B, L, D_llm]`` over its real ids (``mask [B, L]``) and the ``film_stop_token`` embedding.
+
+        OFT averages the embeddings of every non-action position (``input_embeddings[~all_actions_mask]``): at
+        inference ``<s>``, the prompt, the trailing 29871 and the ``</s>`` after the slots. Its training batches
+        also average their right padding (the mean spans the padded length); the masked mean here is the
+        inference value for any padding.
+        """
+        w = mask.astype(jnp.float32)[..., None]
+        total = jnp.sum(tokens.astype(jnp.float32) * w, axis=1)
+        count = jnp.sum(w, axis=1)
+        stop = self.sizes.film_stop_token
+        if stop is not None:
+            total = total + self.backbone.embed_tokens(jnp.asarray([stop], jnp.int32)).astype(jnp.float32)
+            count = count + 1
+        return total / jnp.maximum(count, 1)
+
+    def _fused(self, images: Any, language: jax.Array | None) -> jax.Array:
+        if language is None:
+            return self.vision(images)
+        # FusedEncoder's normalisation and concatenation, each tower FiLM-ed by the same language embedding
+        v = self.vision
+        if isinstance(images, Mapping):
+            missing = {"dino", "siglip"} - set(images)
+            if missing:
+                raise ValueError(f"pixels lacks {sorted(missing)}; expected keys 'dino' and 'siglip'")
+            dino_px, siglip_px = images["dino"], images["siglip"]
+        else:
+            dino_px, siglip_px = normalize(images, *v.dino_norm), normalize(images, *v.siglip_norm)
+        dino = v.dino.intermediate(dino_px, v.layer, film_cond=language)
+        siglip = v.siglip.intermediate(siglip_px, v.layer, film_cond=language)
+        return jnp.concatenate([dino, siglip.astype(dino.dtype)], axis=-1)
+
+    def vision_features(self, obs: Mapping[str, Any], language: jax.Array | None = None) -> jax.Array:
+        """Fused patch features ``[B, N, D_dino + D_siglip]`` from ``obs["pixels"]`` or the first camera.
+
+        With FiLM, ``language [B, D_llm]`` (:meth:`language_embedding`; computed from ``obs``'s prompt when not
+        given) modulates both towers."""
+        if self.sizes.film and language is None:
+            ids, mask = self._prompt(obs)
+            language = self.language_embedding(self.backbone.embed_tokens(ids), mask)
+        if not self.sizes.film and language is not None:
+            raise ValueError("language was given but this OpenVLA policy has no FiLM layers (model.film=False)")
+        if "pixels" in obs:
+            return self._fused(obs["pixels"], language)
+        images = obs["images"]
+        camera = self.spec.cameras[0] if self.spec.cameras else next(iter(images))
+        if camera not in images:
+            raise KeyError(f"observation lacks camera {camera!r}; it has {sorted(images)}")
+        return self._fused(images[camera], language)
+
+    def embed_prefix(self, obs: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+        """``(embeds [B, 1 + N + L - 1, D], mask)``: ``<s>``, the projected patches, then the rest of the prompt."""
+        ids, text_mask = self._prompt(obs)
+        tokens = self.backbone.embed_tokens(ids)
+        language = self.language_embedding(tokens, text_mask) if self.sizes.film else None
+        patches = self.projector(self.vision_features(obs, language))
+        tokens = tokens.astype(patches.dtype)
         embeds = jnp.concatenate([tokens[:, :1], patches, tokens[:, 1:]], axis=1)
         mask = jnp.concatenate([text_mask[:, :1], jnp.ones(patches.shape[:2], bool), text_mask[:, 1:]], axis=1)
         return embeds, mask
@@ -241,4 +326,5 @@ def build_openvla(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: i
 
 
 __all__ = ["OpenVLAPolicy", "OpenVLASizes", "FusedGeluMLPProjector", "build_openvla", "sizes_from_model",
-           "openvla_prompt", "append_trailing_token", "timm_dinov2_reg", "timm_siglip", "PROMPT_TEMPLATE", "TRAILING_TOKEN_ID"]
+           "openvla_prompt", "append_trailing_token", "timm_dinov2_reg", "timm_siglip", "with_film", "PROMPT_TEMPLATE",
+           "TRAILING_TOKEN_ID", "STOP_TOKEN_ID"]

@@ -15,6 +15,23 @@ and SigLIP's attention pool: OpenVLA reads the second-to-last block), so the par
 one; :func:`unused_tensor_names` lists them. Also read: ``config.json`` (tower sizes, with the
 ``tiny_timm_overrides`` of test checkpoints), ``dataset_statistics.json`` (``unnorm_key`` -> q01/q99 + mask),
 ``preprocessor_config.json`` (each tower's mean/std) and ``tokenizer.json``.
+
+OpenVLA-OFT+ (FiLM) checkpoints: OFT's ``finetune.py`` saves the whole FiLM-wrapped vision backbone to
+``vision_backbone--{step}_checkpoint.pt`` (a torch pickle: convert it once with
+``python -m experiments.convert_torch_checkpoint``, keeping the name, ``.safetensors`` suffix). Its names, as
+OFT's module tree gives them (``FiLMedPrismaticVisionBackbone.vision_backbone`` -> ``featurizer`` (DINOv2) /
+``fused_featurizer`` (SigLIP) -> ``blocks.N`` = ``FiLMedVisionTransformerBlock``, under peft's LoRA wrapping)::
+
+    vision_backbone.{featurizer,fused_featurizer}.blocks.N.scale.{weight [D, D_llm], bias}       gamma projection
+    vision_backbone.{featurizer,fused_featurizer}.blocks.N.shift.{weight, bias}                  beta projection
+    vision_backbone.{featurizer,fused_featurizer}.blocks.N.block.<timm block tensor>             the original block
+    ... .attn.qkv.base_layer.weight + .lora_A.default.weight [r, in] + .lora_B.default.weight [out, r]  (LoRA)
+    vision_backbone.{featurizer,fused_featurizer}.<embeddings, norm, attn_pool ...>             as in model.safetensors
+
+These names are derived from openvla-oft's code (``prismatic/models/film_vit_wrapper.py``, the save in
+``vla-scripts/finetune.py``); no FiLM checkpoint has been released to check them against (the released OFT
+checkpoints are LIBERO's, without FiLM). The file's towers replace model.safetensors' (OFT's own loader does
+the same), with LoRA merged as ``W + (alpha / r) B A``, ``alpha = min(r, 16)`` as OFT's LoraConfig.
 """
 
 from __future__ import annotations
@@ -29,10 +46,11 @@ from flax import nnx
 
 from vlax.data.normalization import NormalizationArtifact
 from vlax.policy import PolicySpec
-from vlax.presets.openvla import OpenVLAPolicy, OpenVLASizes, timm_dinov2_reg, timm_siglip
+from vlax.presets.openvla import OpenVLAPolicy, OpenVLASizes, timm_dinov2_reg, timm_siglip, with_film
 from vlax.backbones.config import TransformerConfig
-from vlax.weights.common import (CheckpointError, assign_params, check_architecture, linear_kernel, linear_rules,
-                                 load_hf_dir, norm_rules, read_config, rename_tensors, stack_numbered)
+from vlax.weights.common import (PICKLE_SUFFIXES, CheckpointError, assign_params, check_architecture, linear_rules,
+                                 norm_rules, read_config, read_safetensors, rename_tensors, safetensors_files,
+                                 stack_numbered)
 from vlax.weights.llama import convert_decoder_tensors, llama_config_from_hf
 from vlax.weights.siglip import conv_kernel
 
@@ -57,6 +75,7 @@ def _tower_rules(src: str, dst: str) -> list:
         *linear_rules(blk + r"attn\.proj", lay + "self_attn.o_proj"),
         (blk + r"ls([12])\.scale_factor", lay + r"layer_scale\1.lambda1", None),
         *linear_rules(blk + r"mlp\.(fc[12])", lay + r"mlp.\1"),
+        *linear_rules(blk + r"(scale|shift)", lay + r"film.\1"),  # OpenVLA-OFT+'s FiLM (see the module docstring)
         *norm_rules(re.escape(src) + r"norm", dst + "post_layernorm"),
         (re.escape(src) + r"attn_pool\.latent", dst + "head.probe", lambda w: w.reshape(w.shape[-2:])),
         *linear_rules(re.escape(src) + r"attn_pool\.([qkv])", dst + r"head.attention.\1_proj"),
@@ -87,7 +106,8 @@ def _split_fused(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def unused_tensor_names(sizes: OpenVLASizes) -> list[str]:
     """Checkpoint tensors that never affect OpenVLA's outputs (43 for any depth): each tower's last block and
-    final norm, and SigLIP's attention pool; OpenVLA reads the second-to-last block."""
+    final norm, and SigLIP's attention pool; OpenVLA reads the second-to-last block. With FiLM also the last
+    blocks' scale / shift (8 more, names as in OFT's vision-backbone file)."""
     dino_block = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
                   "attn.proj.bias", "ls1.scale_factor", "norm2.weight", "norm2.bias", "mlp.fc1.weight",
                   "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias", "ls2.scale_factor"]
@@ -97,7 +117,10 @@ def unused_tensor_names(sizes: OpenVLASizes) -> list[str]:
     last_d, last_s = sizes.dino.depth - 1, sizes.siglip.depth - 1
     return ([f"{DINO_PREFIX}blocks.{last_d}.{n}" for n in dino_block] + [f"{DINO_PREFIX}norm.{n}" for n in
             ("weight", "bias")] + [f"{SIGLIP_PREFIX}blocks.{last_s}.{n}" for n in siglip_block]
-            + [f"{SIGLIP_PREFIX}norm.{n}" for n in ("weight", "bias")] + [f"{SIGLIP_PREFIX}attn_pool.{n}" for n in pool])
+            + [f"{SIGLIP_PREFIX}norm.{n}" for n in ("weight", "bias")] + [f"{SIGLIP_PREFIX}attn_pool.{n}" for n in pool]
+            + ([f"{prefix}blocks.{last}.{layer}.{n}"
+                for prefix, last in ((DINO_PREFIX, last_d), (SIGLIP_PREFIX, last_s))
+                for layer in ("scale", "shift") for n in ("weight", "bias")] if sizes.film else []))
 
 
 def _tower_size(config: Mapping[str, Any], timm_id: str) -> dict:
@@ -161,14 +184,94 @@ def convert_openvla_tensors(tensors: Mapping[str, np.ndarray], sizes: OpenVLASiz
     return flat, sources
 
 
-def load_openvla(path: str | Path, *, action_dim: int = 7, dtype=None, **text_overrides: Any) -> OpenVLAPolicy:
+OFT_VISION_PREFIX = "vision_backbone--"  # OFT's vision_backbone--{step}_checkpoint.pt, converted to .safetensors
+_LORA = re.compile(r"(.+)\.lora_([AB])\.([^.]+)\.weight")
+
+
+def oft_vision_backbone_tensors(tensors: Mapping[str, np.ndarray], *, lora_alpha: float | None = None
+                                ) -> dict[str, np.ndarray]:
+    """OFT's saved ``FiLMedPrismaticVisionBackbone`` state dict -> OpenVLA checkpoint names (``vision_backbone.
+    featurizer.blocks.N.norm1.weight``, ``...blocks.N.scale.weight``, ...), LoRA merged into its base weights.
+
+    Accepted as saved (``vision_backbone.<tower>...``), with a DDP ``module.`` prefix, or under a whole model's
+    ``vision_backbone.vision_backbone.``. ``lora_alpha``: default ``min(r, 16)``, OFT's LoraConfig.
+    """
+    out: dict[str, np.ndarray] = {}
+    lora: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        name = key[len("module."):] if key.startswith("module.") else key
+        if name.startswith("vision_backbone.vision_backbone."):
+            name = name[len("vision_backbone."):]
+        name = re.sub(r"(\.blocks\.\d+)\.block\.", r"\1.", name)  # FiLMedVisionTransformerBlock.block
+        m = _LORA.fullmatch(name)
+        if m:
+            lora.setdefault(m.group(1), {})[m.group(2)] = np.asarray(value, np.float32)
+        else:
+            out[name.replace(".base_layer.", ".")] = value
+    for stem, ab in lora.items():
+        weight = f"{stem}.weight"
+        if set(ab) != {"A", "B"} or weight not in out:
+            raise CheckpointError(f"LoRA tensors of {stem} are incomplete: need {stem}.base_layer.weight, "
+                                  f"{stem}.lora_A.<adapter>.weight and {stem}.lora_B.<adapter>.weight")
+        rank = ab["A"].shape[0]
+        alpha = min(rank, 16) if lora_alpha is None else float(lora_alpha)
+        out[weight] = np.asarray(out[weight], np.float32) + (alpha / rank) * (ab["B"] @ ab["A"])
+    if not any(re.fullmatch(r"vision_backbone\.\w+\.blocks\.\d+\.(scale|shift)\.weight", k) for k in out):
+        raise CheckpointError("no FiLM tensors (vision_backbone.<tower>.blocks.N.scale.weight) in OFT's "
+                              f"vision-backbone file; first names: {sorted(tensors)[:6]}")
+    return out
+
+
+def _weight_files(path: Path, vision_backbone: str | Path | bool | None) -> tuple[list[Path], Path | None]:
+    """``(model safetensors files, OFT vision-backbone file or None)`` of a checkpoint directory."""
+    files = safetensors_files(path)
+    model = [f for f in files if not f.name.startswith(OFT_VISION_PREFIX)]
+    if not model:
+        raise CheckpointError(f"{path} holds only OFT vision-backbone files {[f.name for f in files]}, no model "
+                              "weights (model.safetensors)")
+    if vision_backbone is False:
+        return model, None
+    if vision_backbone not in (None, True):
+        file = Path(vision_backbone)
+        if file.suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(f"refusing to unpickle {file}: convert it once with `python -m "
+                                  f"experiments.convert_torch_checkpoint --input {file} --output "
+                                  f"{file.with_suffix('.safetensors')}`")
+        return model, file
+    found = sorted(path.glob(OFT_VISION_PREFIX + "*.safetensors")) if path.is_dir() else []
+    if len(found) > 1:
+        raise CheckpointError(f"{path} has several OFT vision-backbone files {[f.name for f in found]}: pass "
+                              "load_openvla(..., vision_backbone=<the step's file>)")
+    if not found and path.is_dir():
+        pickled = sorted(f for f in path.glob(OFT_VISION_PREFIX + "*") if f.suffix in PICKLE_SUFFIXES)
+        if pickled:  # an OFT+ run: loading without it would drop FiLM and the towers' LoRA updates
+            raise CheckpointError(f"{pickled[0]} is OFT's FiLM vision backbone as a torch pickle: convert it once "
+                                  f"with `python -m experiments.convert_torch_checkpoint --input {pickled[0]} "
+                                  f"--output {pickled[0].with_suffix('.safetensors')}` (or pass "
+                                  "vision_backbone=False to load the model without FiLM)")
+    if vision_backbone is True and not found:
+        raise CheckpointError(f"no {OFT_VISION_PREFIX}*.safetensors in {path} (vision_backbone=True)")
+    return model, (found[0] if found else None)
+
+
+def load_openvla(path: str | Path, *, action_dim: int = 7, dtype=None,
+                 vision_backbone: str | Path | bool | None = None, lora_alpha: float | None = None,
+                 **text_overrides: Any) -> OpenVLAPolicy:
     """An :class:`vlax.presets.openvla.OpenVLAPolicy` holding a local OpenVLA checkpoint (safetensors only).
 
     Missing, unexpected and wrongly shaped tensors are all named in one error. ``dtype`` sets the parameter dtype.
+    OpenVLA-OFT+ (FiLM): ``vision_backbone`` is OFT's vision-backbone file (converted to safetensors); by default
+    a single ``vision_backbone--*.safetensors`` in ``path`` is used, ``False`` ignores it. Its towers and FiLM
+    layers (see the module docstring) replace model.safetensors' towers; ``lora_alpha`` as in
+    :func:`oft_vision_backbone_tensors`. OFT's action head, proprio projector and extra cameras are not read.
     """
     path = Path(path)
     sizes = sizes_from_checkpoint(path, **text_overrides)
-    _, tensors = load_hf_dir(path)
+    model_files, film_file = _weight_files(path, vision_backbone)
+    tensors = read_safetensors(model_files)
+    if film_file is not None:
+        sizes = with_film(sizes)
+        tensors.update(oft_vision_backbone_tensors(read_safetensors(film_file), lora_alpha=lora_alpha))
     flat, sources = convert_openvla_tensors(tensors, sizes)
     spec = PolicySpec(cameras=("image",), image_size=sizes.dino.image_size, state_dim=0, action_dim=action_dim,
                       horizon=1, max_text_len=64, state_input="none")
@@ -210,5 +313,5 @@ def action_normalization(path: str | Path, unnorm_key: str | None) -> Normalizat
                                  dataset_hash=f"openvla:{unnorm_key}", dataset_name=unnorm_key)
 
 
-__all__ = ["load_openvla", "sizes_from_checkpoint", "convert_openvla_tensors", "unused_tensor_names",
-           "dataset_statistics", "action_normalization", "ARCHITECTURES"]
+__all__ = ["load_openvla", "sizes_from_checkpoint", "convert_openvla_tensors", "oft_vision_backbone_tensors",
+           "unused_tensor_names", "dataset_statistics", "action_normalization", "ARCHITECTURES"]
