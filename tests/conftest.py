@@ -34,6 +34,9 @@ XLA_CACHE_DIR = os.path.join(tempfile.gettempdir(), f"vlax_test_xla_cache_{_RUN_
 if not os.environ.get("VLAX_TEST_NO_XLA_CACHE"):
     jax.config.update("jax_compilation_cache_dir", XLA_CACHE_DIR)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # the trainer / evaluator subprocesses that tests launch share it too (a resumed run loads its executables)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE_DIR)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 

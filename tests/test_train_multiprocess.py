@@ -1,6 +1,6 @@
 """The trainer as 2 processes on one machine (jax.distributed on 127.0.0.1, one CPU device each, per-host data
 shards): same losses as 1 process, SIGTERM to one host stops both at the same step and the resume is exact, and a
-(simulated) SLURM job's layout reaches the trainer.
+(simulated) SLURM job's layout reaches the trainer (the reference 2-process run is launched as one).
 
 The data (``tests/train_worker.py``, kind ``test_arrays``) are 6 trajectories of 4 frames, sharded by trajectory
 (host i reads i, i + 2, ...) and read in order with a per-host batch of 4: host 0's k-th batch is trajectory 2k-2
@@ -99,12 +99,27 @@ def _committed(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
+def _slurm_two(workdir: Path, xla_cache: str) -> tuple[list[subprocess.Popen], int]:
+    """Two tasks of a simulated 2-node SLURM job (local rank 0 on each), launched without --coordinator flags."""
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
+                 "SLURM_PROCID": str(i), "SLURM_LOCALID": "0", "JAX_COORDINATOR_PORT": str(port)}
+        procs.append(_launch(_flags(workdir), _env(xla_cache, slurm)))
+    return procs, port
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, xla_cache) -> Path:
-    """An uninterrupted 2-process run of STEPS steps."""
+    """An uninterrupted 2-process run of STEPS steps, launched as a SLURM job: jax's SLURM detection finds the
+    coordinator from the node list, and the trainer runs as process SLURM_PROCID of SLURM_NTASKS (the SIGTERM
+    test's runs take the explicit --coordinator / --num_processes / --process_id flags instead)."""
     workdir = tmp_path_factory.mktemp("two") / "run"
-    outs = _finish(_two(workdir, xla_cache))
+    procs, port = _slurm_two(workdir, xla_cache)
+    outs = _finish(procs)
     for i, out in enumerate(outs):
+        assert f"multi-process run: process {i} of 2 (slurm), coordinator 127.0.0.1:{port}" in out, out[-3000:]
         assert f"joined as process {i} of 2 with 1 local device(s)" in out, out[-3000:]
     return workdir
 
@@ -143,19 +158,3 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_is_exact(tmp_path
     got, expected = _losses(workdir), _losses(two_process_run)
     after = list(range(stopped + 1, STEPS + 1))
     assert [got[s] for s in after] == [expected[s] for s in after]  # bit-identical: same topology, same data
-
-
-def test_a_slurm_job_layout_reaches_the_trainer(tmp_path, xla_cache, two_process_run):
-    """Two tasks of a simulated 2-node SLURM job (local rank 0 on each): jax's SLURM detection finds the
-    coordinator from the node list, and the trainer runs as process SLURM_PROCID of SLURM_NTASKS."""
-    port = _free_port()
-    procs = []
-    for i in range(2):
-        slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
-                 "SLURM_PROCID": str(i), "SLURM_LOCALID": "0", "JAX_COORDINATOR_PORT": str(port)}
-        procs.append(_launch(_flags(tmp_path / "run"), _env(xla_cache, slurm)))
-    outs = _finish(procs)
-    for i, out in enumerate(outs):
-        assert f"multi-process run: process {i} of 2 (slurm), coordinator 127.0.0.1:{port}" in out, out[-3000:]
-        assert f"joined as process {i} of 2 with 1 local device(s)" in out
-    assert _losses(tmp_path / "run") == _losses(two_process_run)  # the same 2-process run
