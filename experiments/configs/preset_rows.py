@@ -3,13 +3,14 @@ config overrides of ``experiments/configs/metaworld.py``. Kept apart from the ab
 command-line flags on import."""
 
 # Rows that are published families rather than heads on the generic VLA: the preset with its own head, at the
-# tiny sizes of its config, on the same data and budget (Diffusion Policy with one observation step, as the
-# evaluator feeds one).
+# tiny sizes of its config, on the same data and budget. Diffusion Policy and RoboFlamingo see one observation step
+# here, to keep every row's cost per example equal; add data.obs_history=2 (Diffusion Policy's n_obs_steps) or 12
+# (RoboFlamingo's window) to a row for their published histories, which the evaluator keeps step by step.
 PRESET_ROWS = {
     "act": ("model.preset=act", "model.head=act", "model.state_input=head", "data.normalization=normal"),
     "diffusion_policy": ("model.preset=diffusion_policy", "model.head=diffusion_unet", "model.state_input=head",
                          "data.normalization=min_max"),
-    # RoboFlamingo at a 128-wide size, its LSTM head predicting the chunk from the one frame the evaluator feeds
+    # RoboFlamingo at a 128-wide size, its LSTM head predicting the chunk from one frame (see above)
     "roboflamingo": ("model.preset=roboflamingo", "model.head=lstm", "model.state_input=none",
                      "data.normalization=bounds"),
     # RT-2-style: PaliGemma-shaped ViT + LM writing the actions as tokens of its vocabulary
