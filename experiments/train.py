@@ -49,6 +49,7 @@ from vlax.train.resume import check_resumable  # noqa: E402
 from vlax.train.sharding import make_mesh  # noqa: E402
 from vlax.train.state import create_train_state_sharded, make_train_step  # noqa: E402
 from vlax.train.stopping import StopPolicy  # noqa: E402
+from vlax.weights.policy_checkpoint import detect_format, read_policy_params  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (path[:variant])")
 flags.DEFINE_string("coordinator", None, "host:port of process 0 for multi-process runs")
@@ -149,18 +150,26 @@ def validation(cfg, sources, tokenize, dims) -> dict[str, Any]:
     return {s.name: batches(s) for s in sources}
 
 
-def load_finetune_params(cfg: ml_collections.ConfigDict, state) -> Any:
-    """Parameters from ``finetune.checkpoint`` moved into this model (re-initialising ``finetune.reinit``)."""
-    source = checkpoints_dir(cfg.finetune.checkpoint)
-    ckpt = Checkpointer(source)
-    step = ckpt.latest_step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {cfg.finetune.checkpoint} to fine-tune from")
-    raw = ckpt.restore_raw(step)
-    ckpt.close()
+def load_finetune_params(cfg: ml_collections.ConfigDict, state, spec) -> Any:
+    """Parameters from ``finetune.checkpoint`` moved into this model (re-initialising ``finetune.reinit``): a vlax
+    workdir, or a published checkpoint (openpi, Octo, OpenVLA, LeRobot, RoboFlamingo; see
+    :mod:`vlax.weights.policy_checkpoint`). Its normalization statistics are not used: the new data's are."""
+    fmt = detect_format(cfg.finetune.checkpoint)
+    if fmt == "vlax":
+        source = checkpoints_dir(cfg.finetune.checkpoint)
+        ckpt = Checkpointer(source)
+        step = ckpt.latest_step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {cfg.finetune.checkpoint} to fine-tune from")
+        old = ckpt.restore_raw(step)["params"]
+        ckpt.close()
+        origin = f"{source} step {step}"
+    else:
+        old = read_policy_params(cfg.finetune.checkpoint, cfg.model, spec)
+        origin = f"{cfg.finetune.checkpoint} ({fmt} checkpoint)"
     # Each array is placed on its sharding from the slices this host's devices hold.
-    params, reinit, unused = transplant_sharded(nnx.to_pure_dict(state.params), raw["params"], cfg.finetune.reinit)
-    print(f"fine-tuning from {source} step {step}: re-initialised {len(reinit)} parameters "
+    params, reinit, unused = transplant_sharded(nnx.to_pure_dict(state.params), old, cfg.finetune.reinit)
+    print(f"fine-tuning from {origin}: re-initialised {len(reinit)} parameters "
           f"{reinit[:12]}{' ...' if len(reinit) > 12 else ''}; {len(unused)} checkpoint parameters unused")
     nnx.replace_by_pure_dict(state.params, params)
     return state
@@ -254,7 +263,7 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
         restore_iterator(cfg, data_iter, workdir, start)
         print(f"resumed from step {start}")
     elif cfg.finetune.checkpoint:
-        state = load_finetune_params(cfg, state)
+        state = load_finetune_params(cfg, state, spec)
 
     pure_step = make_train_step(graphdef, loss_fn, tx, ema_decay=cfg.train.ema_decay or None,
                                 learning_rate_fn=schedule(opt_cfg))
