@@ -52,11 +52,13 @@ class FusedEncoder(nnx.Module):
         """Channels of the fused features: DINOv2 width + SigLIP width."""
         return self.dino.config.width + self.siglip.config.width
 
-    def __call__(self, images: jax.Array | Mapping[str, jax.Array]) -> jax.Array:
+    def __call__(self, images: jax.Array | Mapping[str, jax.Array], *,
+                 film_cond: jax.Array | None = None) -> jax.Array:
         """Fused patch features ``[B, N, D_dino + D_siglip]``.
 
         ``images``: ``[B, H, W, 3]`` ``uint8`` or float in ``[0, 1]`` (normalised here for each tower), or a
-        mapping ``{"dino": pixels, "siglip": pixels}`` of already-normalised inputs.
+        mapping ``{"dino": pixels, "siglip": pixels}`` of already-normalised inputs. ``film_cond`` ``[B, C]``:
+        the conditioning of towers built with FiLM (``ViTConfig.film_dim``; OpenVLA-OFT+), the same for both.
         """
         if isinstance(images, Mapping):
             missing = {"dino", "siglip"} - set(images)
@@ -66,8 +68,8 @@ class FusedEncoder(nnx.Module):
         else:
             dino_px = normalize(images, *self.dino_norm)
             siglip_px = normalize(images, *self.siglip_norm)
-        dino = self.dino.intermediate(dino_px, self.layer)
-        siglip = self.siglip.intermediate(siglip_px, self.layer)
+        dino = self.dino.intermediate(dino_px, self.layer, film_cond=film_cond)
+        siglip = self.siglip.intermediate(siglip_px, self.layer, film_cond=film_cond)
         if dino.shape[1] != siglip.shape[1]:
             raise ValueError(f"the towers give different patch counts (DINOv2 {dino.shape[1]}, SigLIP "
                              f"{siglip.shape[1]}): use the same patch size and image size for both")

@@ -34,7 +34,7 @@ from flax import nnx
 from vlax.backbones import Transformer
 from vlax.backbones.config import TransformerConfig
 from vlax.encoders.fused import FusedEncoder
-from vlax.encoders.preprocess import IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, normalize
+from vlax.encoders.preprocess import IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD
 from vlax.encoders.vit import ViT, ViTConfig
 from vlax.heads import get_head
 from vlax.nn import Dense, HeadContext
@@ -243,22 +243,6 @@ class OpenVLAPolicy(nnx.Module):
             count = count + 1
         return total / jnp.maximum(count, 1)
 
-    def _fused(self, images: Any, language: jax.Array | None) -> jax.Array:
-        if language is None:
-            return self.vision(images)
-        # FusedEncoder's normalisation and concatenation, each tower FiLM-ed by the same language embedding
-        v = self.vision
-        if isinstance(images, Mapping):
-            missing = {"dino", "siglip"} - set(images)
-            if missing:
-                raise ValueError(f"pixels lacks {sorted(missing)}; expected keys 'dino' and 'siglip'")
-            dino_px, siglip_px = images["dino"], images["siglip"]
-        else:
-            dino_px, siglip_px = normalize(images, *v.dino_norm), normalize(images, *v.siglip_norm)
-        dino = v.dino.intermediate(dino_px, v.layer, film_cond=language)
-        siglip = v.siglip.intermediate(siglip_px, v.layer, film_cond=language)
-        return jnp.concatenate([dino, siglip.astype(dino.dtype)], axis=-1)
-
     def vision_features(self, obs: Mapping[str, Any], language: jax.Array | None = None) -> jax.Array:
         """Fused patch features ``[B, N, D_dino + D_siglip]`` from ``obs["pixels"]`` or the first camera.
 
@@ -270,12 +254,12 @@ class OpenVLAPolicy(nnx.Module):
         if not self.sizes.film and language is not None:
             raise ValueError("language was given but this OpenVLA policy has no FiLM layers (model.film=False)")
         if "pixels" in obs:
-            return self._fused(obs["pixels"], language)
+            return self.vision(obs["pixels"], film_cond=language)
         images = obs["images"]
         camera = self.spec.cameras[0] if self.spec.cameras else next(iter(images))
         if camera not in images:
             raise KeyError(f"observation lacks camera {camera!r}; it has {sorted(images)}")
-        return self._fused(images[camera], language)
+        return self.vision(images[camera], film_cond=language)
 
     def embed_prefix(self, obs: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
         """``(embeds [B, 1 + N + L - 1, D], mask)``: ``<s>``, the projected patches, then the rest of the prompt."""
