@@ -15,7 +15,9 @@ if not os.environ.get("VLAX_CACHE_DIR"):
 # VLAX_TEST_DEVICES=2 (`make test` runs the two groups apart): partitioning a training step for 8 devices and running
 # 8 device threads on 2 cores costs ~30 % more CPU than 2 devices (measured on the Helix fine-tuning test).
 TEST_DEVICES = int(os.environ.get("VLAX_TEST_DEVICES", "8"))
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={TEST_DEVICES}")
+from xla_flags import xla_flags  # noqa: E402
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(TEST_DEVICES))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from vlax.train import distributed
+from xla_flags import xla_flags
 
 HERE = Path(__file__).resolve().parent
 _PREFIXES = ("SLURM_", "OMPI_", "TPU_", "CLOUD_TPU_", "VLAX_COORDINATOR", "VLAX_NUM_PROCESSES", "VLAX_PROCESS_ID",
@@ -122,8 +123,8 @@ def _free_port() -> int:
 def test_two_processes_join_under_simulated_slurm(tmp_path):
     port = _free_port()
     base = _clean_env()
-    base.pop("XLA_FLAGS", None)  # one CPU device per process
-    base.update(PYTHONPATH=str(HERE.parent), JAX_PLATFORMS="cpu", JAX_COORDINATOR_PORT=str(port),
+    base.update(XLA_FLAGS=xla_flags(),  # one CPU device per process
+                PYTHONPATH=str(HERE.parent), JAX_PLATFORMS="cpu", JAX_COORDINATOR_PORT=str(port),
                 SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_STEP_NODELIST="127.0.0.1", SLURM_STEP_NUM_NODES="1")
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER], env={**base, "SLURM_PROCID": str(i),
                               "SLURM_LOCALID": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -14,6 +14,7 @@ from vlax.build import build_policy, policy_spec
 from vlax.train.optimizer import OptimizerConfig, make_optimizer
 from vlax.train.sharding import make_mesh, state_shardings
 from vlax.train.state import create_train_state, create_train_state_sharded
+from xla_flags import xla_flags
 
 pytestmark = pytest.mark.eight_devices  # sharding layouts over an 8-device mesh
 
@@ -139,7 +140,7 @@ def test_published_size_policy_estimates_abstractly_in_seconds():
 
 WORKER = '''
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"  # the parent's compile flags kept
 import jax
 import numpy as np
 from vlax.train.distributed import initialize
@@ -186,7 +187,7 @@ def test_two_processes_create_their_own_shards(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     (tmp_path / "worker.py").write_text(WORKER)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=xla_flags())  # the same compile flags as this process: equal init values
     env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent)])
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), port, str(i), str(tmp_path / f"{i}.npz")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from test_train_state import _run
+from xla_flags import xla_flags
 
 HERE = Path(__file__).resolve().parent
 
@@ -21,7 +22,7 @@ def _free_port() -> int:
 
 def test_two_processes_match_one(tmp_path):
     port = str(_free_port())
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
+    env = dict(os.environ, XLA_FLAGS=xla_flags())  # one CPU device per process
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent)])
     procs = [subprocess.Popen([sys.executable, str(HERE / "distributed_worker.py"), port, str(i),
                                str(tmp_path / f"losses{i}.npy")], env=env, stdout=subprocess.PIPE,

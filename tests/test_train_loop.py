@@ -14,6 +14,7 @@ import pytest
 
 from train_helpers import config_flags, tiny_config
 from vlax.train.metrics import read_metrics
+from xla_flags import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,8 +25,7 @@ def data_dir(tiny_metaworld):
 
 
 def _launch(c):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags())  # one CPU device
     return subprocess.Popen([sys.executable, "-m", "experiments.train", *config_flags(c)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -25,6 +25,7 @@ import pytest
 
 from train_helpers import config_flags, tiny_config
 from vlax.train.metrics import read_metrics
+from xla_flags import xla_flags
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -50,8 +51,8 @@ def _flags(workdir: Path, **train) -> list[str]:
 
 
 def _env(xla_cache: str, extra: dict | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT)]), JAX_PLATFORMS="cpu",
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(XLA_FLAGS=xla_flags(), PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT)]), JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=xla_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **(extra or {}))
     return env
