@@ -10,13 +10,12 @@ from flax import nnx
 
 from experiments.configs.preset_rows import PRESET_ROWS
 from experiments.configs import metaworld
+from train_helpers import apply_preset_row
 from vlax.build import build_policy, check_components, policy_spec
 
 
 def _row_config(row: str):
-    config = metaworld.get_config("tiny")
-    config.update_from_flattened_dict(dict(s.split("=", 1) for s in PRESET_ROWS[row]))
-    return config
+    return apply_preset_row(metaworld.get_config("tiny"), row)
 
 
 @pytest.mark.parametrize("row", sorted(PRESET_ROWS))

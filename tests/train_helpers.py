@@ -70,13 +70,12 @@ def tiny_finetune_config(workdir: Path, source: dict, steps: int = 3) -> ml_coll
     return c
 
 
-def preset_row_config(row: str, workdir: Path, data: Path):
-    """The tiny Meta-World config of the loop tests with the ablation's preset row applied, 2 training steps."""
+def apply_preset_row(c: ml_collections.ConfigDict, row: str) -> ml_collections.ConfigDict:
+    """``c`` with the ablation's preset row applied, its values read as the command line reads them."""
     import ast
 
     from experiments.configs.preset_rows import PRESET_ROWS
 
-    c = tiny_config(workdir, data, steps=2, save_every=2)
     for setting in PRESET_ROWS[row]:
         key, value = setting.split("=", 1)
         *parents, leaf = key.split(".")
@@ -88,3 +87,8 @@ def preset_row_config(row: str, workdir: Path, data: Path):
         except (ValueError, SyntaxError):
             node[leaf] = value  # a plain string
     return c
+
+
+def preset_row_config(row: str, workdir: Path, data: Path):
+    """The tiny Meta-World config of the loop tests with the ablation's preset row applied, 2 training steps."""
+    return apply_preset_row(tiny_config(workdir, data, steps=2, save_every=2), row)

@@ -94,11 +94,14 @@ def _base() -> ml_collections.ConfigDict:
     c.model.diffusion_policy = diffusion_policy.preset_settings("tiny")
     c.model.roboflamingo = roboflamingo.preset_settings("metaworld")
     c.model.head_defaults.lstm = dict(hidden_dim=128, num_layers=2, dropout=0.0, tower_dims=(128,))
-    from experiments.configs import helix, rt2
+    from experiments.configs import helix, octo, openvla, rt2
 
     c.model.rt2 = rt2.preset_settings("tiny")
     c.model.helix = helix.preset_settings("tiny")
+    c.model.octo = octo.preset_settings("tiny")
+    c.model.openvla = openvla.preset_settings("metaworld")
     c.data.obs_history = 1                        # observation steps per example ([B, T, ...] when > 1)
+    c.data.action_chunks = "oldest"               # with a history: the oldest step's chunk, or every_step's own
 
     c.finetune = ml_collections.ConfigDict()
     c.finetune.checkpoint = ""                    # a workdir or checkpoint dir to start from

@@ -33,6 +33,15 @@ SIZES = {
                          feed_forward_proj="gated-gelu")),
 }
 VARIANTS = tuple(SIZES)
+OPTIONS = dict(max_horizon=10, language="t5", proprio=False, num_readouts=1, repeat_task_tokens=True,
+               use_correct_attention=True)
+
+
+def preset_settings(variant: str = "tiny") -> ml_collections.ConfigDict:
+    """``model.octo``: the transformer, stems, language encoder and token options at ``variant``'s size."""
+    if variant not in SIZES:
+        raise ValueError(f"unknown octo variant {variant!r}; known: {list(VARIANTS)}")
+    return ml_collections.ConfigDict({**OPTIONS, **SIZES[variant]})
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -49,9 +58,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.model.head = "diffusion"
     c.model.head_kwargs = ml_collections.ConfigDict()
     c.model.head_defaults = ml_collections.ConfigDict()
-    c.model.octo = ml_collections.ConfigDict(dict(max_horizon=10, language="t5", proprio=False, num_readouts=1,
-                                                  repeat_task_tokens=True, use_correct_attention=True,
-                                                  **SIZES[variant]))
+    c.model.octo = preset_settings(variant)
     c.model.state_input = "none"                   # proprio enters as Octo's tokens when model.octo.proprio
     c.model.max_text_len = 16                      # Octo pads instructions to 16 T5 tokens
     c.model.tokenizer = "byte"                     # the released models: a t5-base tokenizer.json directory

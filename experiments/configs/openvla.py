@@ -44,16 +44,28 @@ OPENVLA_7B = dict(
 VARIANTS = ("tiny", "tiny_oft", "tiny_oft_film", "openvla_7b", "oft_7b", "oft_film_7b")
 # OFT's FiLM: the init of its nn.Linear layers, and the </s> id its language mean includes (Llama-2's)
 FILM = dict(film_init="uniform", film_stop_token=2)
+# The Meta-World ablation row: the tiny towers on a 4 x 4 patch grid (56 px; data.image_size must match) and a
+# 512-id vocabulary whose last 256 ids are the bins, over the run's own tokenizer (no Llama-2 trailing token).
+METAWORLD = dict(TINY, image_size=56, text=dict(TINY["text"], vocab_size=512), action_vocab_size=512,
+                 append_trailing_token=False)
+SETTINGS = {"tiny": TINY, "openvla_7b": OPENVLA_7B, "metaworld": METAWORLD}
+
+
+def preset_settings(size: str = "tiny") -> ml_collections.ConfigDict:
+    """``model.openvla``: the towers, LM and action-token settings at ``size`` (tiny | openvla_7b | metaworld)."""
+    if size not in SETTINGS:
+        raise ValueError(f"unknown openvla size {size!r}; known: {sorted(SETTINGS)}")
+    return ml_collections.ConfigDict({**SETTINGS[size], **FILM})
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
         raise ValueError(f"unknown openvla variant {variant!r}; known: {list(VARIANTS)}")
     large = variant.endswith("_7b")
-    sizes = {**(OPENVLA_7B if large else TINY), **FILM}
+    settings = preset_settings("openvla_7b" if large else "tiny")
     c = finetune.get_config("tiny")
     c.workdir = "runs/openvla"
-    c.data.image_size = sizes["image_size"]
+    c.data.image_size = settings.image_size
     c.data.action_horizon = 1                      # OpenVLA predicts one 7-D action per step
     c.data.normalization = "bounds"                # q01 / q99 -> [-1, 1], the gripper left as is
     c.model.preset = "openvla"
@@ -61,7 +73,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.model.film = False                           # OpenVLA-OFT+'s FiLM in the vision towers
     c.model.head_kwargs = ml_collections.ConfigDict()
     c.model.head_defaults = ml_collections.ConfigDict()
-    c.model.openvla = ml_collections.ConfigDict(sizes)
+    c.model.openvla = settings
     c.model.action_dim = 7 if large else 0         # 0: the data's action dim
     c.model.state_dim = 0                          # the policy reads no state
     c.model.max_text_len = 32

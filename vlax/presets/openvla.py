@@ -305,8 +305,11 @@ def build_openvla(model: Mapping[str, Any], spec: PolicySpec, text_vocab_size: i
     head_name = model.get("head", "binned_lm")
     head_kwargs = {**dict(dict(model.get("head_defaults", {})).get(head_name, {})),
                    **dict(model.get("head_kwargs", {}))}
-    return OpenVLAPolicy(spec, sizes_from_model(model, text_vocab_size), head_name=head_name,
-                         head_kwargs=head_kwargs, rngs=rngs)
+    sizes = sizes_from_model(model, text_vocab_size)
+    if spec.image_size != sizes.dino.image_size:  # a patch-14 tower would silently crop the image's remainder
+        raise ValueError(f"data.image_size={spec.image_size} but the OpenVLA towers take "
+                         f"{sizes.dino.image_size} px images (model.openvla.image_size); set both to one size")
+    return OpenVLAPolicy(spec, sizes, head_name=head_name, head_kwargs=head_kwargs, rngs=rngs)
 
 
 __all__ = ["OpenVLAPolicy", "OpenVLASizes", "FusedGeluMLPProjector", "build_openvla", "sizes_from_model",

@@ -33,6 +33,7 @@ class CheckpointInfo:
       policy_image_size: the size the policy sees (frames are resized to it like the training pipeline did).
       state_dim / action_dim: real (unpadded) dims from the normalization artifact.
       horizon: actions per predicted chunk ``H``.
+      obs_history: observation steps the policy sees per call (its window; 1 without a history).
       trained_tasks: the Meta-World tasks of the training data.
     """
 
@@ -45,6 +46,7 @@ class CheckpointInfo:
     action_dim: int
     horizon: int
     trained_tasks: tuple[str, ...]
+    obs_history: int = 1
 
 
 def checkpoints_directory(path: str | os.PathLike) -> Path:
@@ -120,4 +122,5 @@ def read_checkpoint_info(path: str | os.PathLike, *, step: int | None = None) ->
         directory=str(directory), step=step, config=config, settings=settings,
         policy_image_size=int(data["image_size"]), state_dim=state_dim, action_dim=dims["action"],
         horizon=int(data["action_horizon"]), trained_tasks=task_sets.resolve_tasks(source["tasks"]),
+        obs_history=int(data.get("obs_history", 1)),
     )

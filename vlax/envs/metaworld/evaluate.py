@@ -37,7 +37,8 @@ Results (returned, and written to ``results_path`` as JSON), schema version 1::
     checkpoint_step   int | null
     config            {tasks: [str], episodes_per_task, seed, execution: "receding"|"ensemble", replan_every,
                        ensemble_k, max_steps: int|null, num_workers, camera, render_size, policy_image_size:
-                       int|null, horizon, instruction_paraphrase, layout_seed_start, video_dir: str|null,
+                       int|null, horizon, obs_history, instruction_paraphrase, layout_seed_start,
+                       video_dir: str|null,
                        video_episodes, plan_every: int|null, plan_mode}
     versions          {metaworld, mujoco, jax, python}
     date              str     ISO 8601, UTC
@@ -211,6 +212,7 @@ def evaluate(
     if str(policy) == EXPERT:
         settings = RolloutSettings(image_size=image_size or 128, cameras=(camera or "corner2",))
         policy_name, step, horizon, policy_image_size, trained = EXPERT, None, 1, None, None
+        obs_history = 1
         replan = 1  # the expert acts every step
     else:
         info = read_checkpoint_info(policy, step=checkpoint_step)
@@ -221,7 +223,7 @@ def evaluate(
         if image_size is not None and image_size != info.settings.image_size:
             raise CheckpointError(f"image_size={image_size} differs from the {info.settings.image_size} px frames "
                                   f"the checkpoint's data was recorded at; leave image_size unset")
-        settings, step, horizon = info.settings, info.step, info.horizon
+        settings, step, horizon, obs_history = info.settings, info.step, info.horizon, info.obs_history
         policy_name, policy_image_size, trained = str(Path(info.directory).absolute()), info.policy_image_size, \
             info.trained_tasks
         replan = horizon if replan_every is None else replan_every
@@ -263,7 +265,7 @@ def evaluate(
             "tasks": list(task_names), "episodes_per_task": episodes_per_task, "seed": seed,
             "execution": execution, "replan_every": replan, "ensemble_k": float(ensemble_k), "max_steps": max_steps,
             "num_workers": num_workers, "camera": settings.cameras[0], "render_size": settings.image_size,
-            "policy_image_size": policy_image_size, "horizon": horizon,
+            "policy_image_size": policy_image_size, "horizon": horizon, "obs_history": obs_history,
             "instruction_paraphrase": instruction_paraphrase,
             "layout_seed_start": task_sets.EVAL_LAYOUT_SEED_START,
             "video_dir": None if video_dir is None else os.path.abspath(video_dir), "video_episodes": video_episodes,
