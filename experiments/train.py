@@ -165,7 +165,9 @@ def load_finetune_params(cfg: ml_collections.ConfigDict, state, spec) -> Any:
         ckpt.close()
         origin = f"{source} step {step}"
     else:
-        old = read_policy_params(cfg.finetune.checkpoint, cfg.model, spec)
+        importer = cfg.finetune.get("importer") or {}
+        old = read_policy_params(cfg.finetune.checkpoint, cfg.model, spec,
+                                 **(importer.to_dict() if hasattr(importer, "to_dict") else dict(importer)))
         origin = f"{cfg.finetune.checkpoint} ({fmt} checkpoint)"
     # Each array is placed on its sharding from the slices this host's devices hold.
     params, reinit, unused = transplant_sharded(nnx.to_pure_dict(state.params), old, cfg.finetune.reinit)

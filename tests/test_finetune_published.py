@@ -177,6 +177,10 @@ def test_octo_params_transplant_with_a_fresh_head():
         load_finetune_params(cfg, types.SimpleNamespace(params=nnx.state(target, nnx.Param)), spec)
     assert "head/" in str(e.value) and "is not in the checkpoint" in str(e.value)
     cfg.finetune.reinit = "^head/"
+    cfg.finetune.importer = {"stpe": 1}  # the importer's arguments come from the config, checked before reading
+    with pytest.raises(CheckpointError, match=r"load_octo takes no argument \['stpe'\] \(it takes \['step', 'dtype'\]\)"):
+        load_finetune_params(cfg, types.SimpleNamespace(params=nnx.state(target, nnx.Param)), spec)
+    cfg.finetune.importer = {"step": 1}
     state = load_finetune_params(cfg, types.SimpleNamespace(params=nnx.state(target, nnx.Param)), spec)
     out = flat(nnx.to_pure_dict(state.params))
     heads = {k for k in out if k.startswith("['head']")}

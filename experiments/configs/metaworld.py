@@ -106,6 +106,9 @@ def _base() -> ml_collections.ConfigDict:
     c.finetune = ml_collections.ConfigDict()
     c.finetune.checkpoint = ""                    # a workdir or checkpoint dir to start from
     c.finetune.reinit = ""                        # regex of parameter paths initialised afresh
+    # keyword arguments of a published checkpoint's importer, e.g. {"vision_backbone": <OFT+ FiLM file>} for
+    # OpenVLA, {"sizes": {...}, "tokenizer": <dir>} for a LeRobot π0, {"step": N} for Octo (set in a config file)
+    c.finetune.importer = ml_collections.ConfigDict()
     return c
 
 

@@ -23,7 +23,7 @@ import json
 import re
 import struct
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,22 @@ class CheckpointError(ValueError):
 
 _REFETCH = ("download it again from the original checkpoint (an interrupted download or copy leaves a truncated "
             "or partial file)")
+
+
+def check_importer_kwargs(importer: Callable[..., Any], kwargs: Mapping[str, Any], what: str) -> None:
+    """Refuses keyword arguments ``importer`` does not take, naming them and the ones it does (before any file is
+    read); an importer taking ``**kwargs`` of its own (OpenVLA's LM overrides) accepts every name."""
+    import inspect
+
+    params = inspect.signature(importer).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+                or (p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty)]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise CheckpointError(f"{what}'s importer {importer.__name__} takes no argument {unknown} (it takes "
+                              f"{accepted or 'none'}); remove them from finetune.importer")
 
 
 def _read_json_object(file: Path, what: str) -> dict:

@@ -13,7 +13,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from vlax.weights.common import CheckpointError, read_config
+from vlax.weights.common import CheckpointError, check_importer_kwargs, read_config
 from vlax.weights.lerobot_policy import check_policy_type
 
 # LeRobot policy type -> (module, loader)
@@ -39,7 +39,9 @@ def load_lerobot(path: str | Path, **kwargs: Any) -> tuple[Any, Any]:
     path = Path(path)
     kind = check_policy_type(read_config(path), LOADERS, path)
     module, name = LOADERS[kind]
-    loaded = getattr(importlib.import_module(module), name)(path, **kwargs)
+    loader = getattr(importlib.import_module(module), name)
+    check_importer_kwargs(loader, kwargs, f"the LeRobot {kind} policy {path}")
+    loaded = loader(path, **kwargs)
     if kind == "diffusion":
         loaded = (loaded.policy, loaded.normalization)
     policy, second = loaded

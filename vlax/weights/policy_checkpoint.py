@@ -40,7 +40,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from vlax.weights.common import PICKLE_SUFFIXES, CheckpointError, read_config, safetensors_files, tensor_names
+from vlax.weights.common import (PICKLE_SUFFIXES, CheckpointError, check_importer_kwargs, read_config,
+                                 safetensors_files, tensor_names)
 
 FORMATS = ("vlax", "openpi", "octo", "openvla", "lerobot", "roboflamingo")
 # what each format needs, for the error on a directory that is none of them
@@ -184,10 +185,12 @@ def read_policy_params(path: str | os.PathLike, model_config: Mapping[str, Any],
             from vlax.weights.openpi import is_openpi_params, load_openpi
 
             params_dir = local if is_openpi_params(local) else local / "params"
+            check_importer_kwargs(load_openpi, importer_kwargs, f"the openpi checkpoint {local}")
             policy, _ = load_openpi(params_dir, model_config, spec, **importer_kwargs)
         elif fmt == "octo":
             from vlax.weights.octo import load_octo
 
+            check_importer_kwargs(load_octo, importer_kwargs, f"the Octo checkpoint {local}")
             policy = load_octo(local, **importer_kwargs)
         elif fmt == "openvla":
             from vlax.weights.openvla import load_openvla
@@ -198,6 +201,10 @@ def read_policy_params(path: str | os.PathLike, model_config: Mapping[str, Any],
 
             policy, _ = load_lerobot(local, **importer_kwargs)
         else:
+            if importer_kwargs:
+                raise CheckpointError(f"the RoboFlamingo checkpoint {local} is read with the preset's own config; "
+                                      f"it takes no importer arguments ({sorted(importer_kwargs)}): remove them "
+                                      "from finetune.importer")
             return _roboflamingo_params(local, model_config, spec)
     return _pure_numpy(policy)
 
