@@ -39,6 +39,7 @@ from vlax.observation import ObservationPipeline, read_artifacts  # noqa: E402
 from vlax.prompts import get_prompt, tokenize_prompts  # noqa: E402
 from vlax.tokenizers import ByteTokenizer, Tokenizer, WordTokenizer, load_tokenizer, tokenizer_from_json  # noqa: E402
 from vlax.train import distributed  # noqa: E402
+from vlax.train.augment import shift_cameras  # noqa: E402
 from vlax.train.data_iterator import DataIterator  # noqa: E402
 from vlax.train.finetune import transplant_sharded  # noqa: E402
 from vlax.train.flops import count_flops  # noqa: E402
@@ -184,8 +185,21 @@ def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
                            accumulate_steps=o.accumulate_steps, freeze=o.freeze or None, groups=tuple(o.groups))
 
 
-def loss_fn(model, batch: dict, rng: jax.Array):
-    return model.loss(batch["obs"], batch["actions"], action_mask=batch["action_mask"], rngs=rng, train=True)
+def make_loss_fn(cfg: ml_collections.ConfigDict):
+    """The training loss of a batch; ``data.random_shift`` > 0 first translates every camera's images by up to that
+    many pixels, on the device (:mod:`vlax.train.augment`)."""
+    shift = int(cfg.data.get("random_shift", 0) or 0)
+    if shift < 0:
+        raise ValueError(f"data.random_shift={shift}; use 0 (off) or a number of pixels, e.g. 4")
+
+    def loss_fn(model, batch: dict, rng: jax.Array):
+        obs = batch["obs"]
+        if shift:
+            rng, key = jax.random.split(rng)
+            obs = {**obs, "images": shift_cameras(obs["images"], key, shift)}
+        return model.loss(obs, batch["actions"], action_mask=batch["action_mask"], rngs=rng, train=True)
+
+    return loss_fn
 
 
 def jit_guarded_step(pure_step, state_shardings, mesh):
@@ -216,6 +230,7 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
     """Run (or resume) training; returns a summary (final loss, steps/s, parameter count, ...)."""
     # Everything that can be checked without reading data is checked first.
     check_components(cfg.model)
+    loss_fn = make_loss_fn(cfg)
     entries = check_sources(cfg.data.sources)
     mesh = make_mesh(**cfg.mesh)
     check_batch_fits_mesh(cfg.data.batch_size, mesh)

@@ -31,7 +31,8 @@ def _base() -> ml_collections.ConfigDict:
     c.data.batch_size = 32
     c.data.action_horizon = 8                     # predicted per chunk; evaluation executes 4 then re-plans
     c.data.normalization = "bounds"
-    c.data.augment = True
+    c.data.augment = True                         # the input pipeline's crop + colour jitter (vlax.data)
+    c.data.random_shift = 0                       # > 0: shift images by up to this many pixels, on the device
     c.data.shuffle_buffer = 2000
     c.data.val_fraction = 0.0                     # > 0 holds episodes out for open-loop validation
     c.data.val_every = 0                          # steps between validations (0: never)
