@@ -263,3 +263,44 @@ def test_trains_on_metaworld_and_runs_closed_loop_with_its_window(tiny_metaworld
     episode = results["episodes"][0]
     assert results["config"]["obs_history"] == 2
     assert episode["steps"] == 4 and episode["policy_calls"] == 2  # a 2-step chunk per call
+
+
+def test_embodiment_action_dim_holds_padded_dims_at_their_training_noise(diffusion):
+    """Octo's ``predict_action(embodiment_action_dim=k)``: after each reverse step, dims >= k are replaced by
+    ``sqrt(1 - alpha_hat_t) * z_t``. Reference: that loop in float64 numpy from Octo's equations and its stored
+    schedule, with the (separately proven) denoiser as the only vlax piece, under the stored noise."""
+    _, head, r, ctx, cond, flat = diffusion
+    k = 5
+    betas = r["diffusion/betas"].astype(np.float64)
+    alphas, alpha_hats = 1.0 - betas, r["diffusion/alpha_hats"].astype(np.float64)
+    denoise = jax.jit(lambda x, t: head.denoiser(x, jnp.full((4,), t), cond))
+    real = np.arange(7) < k
+    x = np.asarray(flat(r["diffusion/init_noise"]), np.float64)
+    for i, t in enumerate(range(19, -1, -1)):
+        z = np.asarray(flat(r["diffusion/step_noise"][i]), np.float64)
+        eps = np.asarray(denoise(jnp.asarray(x, jnp.float32), t), np.float64)
+        x = (x - (1 - alphas[t]) / np.sqrt(1 - alpha_hats[t]) * eps) / np.sqrt(alphas[t])
+        x = np.clip(x + (t > 0) * np.sqrt(betas[t]) * z, -5.0, 5.0)
+        x = np.where(real, x, np.sqrt(1 - alpha_hats[t]) * z)
+    run = nnx.jit(lambda h, c, n, s, d: h.sample(c, rngs=jax.random.key(0), noise=n, step_noise=s,
+                                                 embodiment_action_dim=d), static_argnums=4)
+    noise, steps = flat(r["diffusion/init_noise"]), flat(r["diffusion/step_noise"])
+    sampled = np.asarray(run(head, ctx, noise, steps, k))
+    assert err(sampled, x) <= TOL * FIRST_STEP_GAIN
+    last_z = np.asarray(steps[-1])
+    np.testing.assert_allclose(sampled[..., k:], np.sqrt(1 - alpha_hats[0]) * last_z[..., k:], rtol=0, atol=1e-6)
+    assert not np.allclose(sampled[..., :k], np.asarray(run(head, ctx, noise, steps, 7))[..., :k], atol=1e-4)
+    # all dims real is the unmasked sampler
+    np.testing.assert_array_equal(np.asarray(run(head, ctx, noise, steps, 7)),
+                                  np.asarray(head.sample(ctx, rngs=jax.random.key(0), noise=noise, step_noise=steps)))
+
+
+def test_embodiment_action_dim_bad_values():
+    from vlax.heads import get_head
+    from vlax.nn import ContextSpec
+    with pytest.raises(ValueError, match="outside 1..7"):
+        get_head("diffusion", action_dim=7, horizon=4, context=ContextSpec(width=8), sampler="octo",
+                 embodiment_action_dim=8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="needs sampler='octo'"):
+        get_head("diffusion", action_dim=7, horizon=4, context=ContextSpec(width=8), sampler="ddpm",
+                 embodiment_action_dim=5, rngs=nnx.Rngs(0))

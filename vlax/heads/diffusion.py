@@ -251,6 +251,10 @@ class DiffusionHead(ActionHead):
         ``timestep_spacing`` / ``steps_offset`` as in diffusers.
       clip_sample, clip_sample_range: clip the predicted clean chunk at every step.
       pool: ``"mean"`` or ``"map"`` pooling of the context; ``state_dim``: append ``ctx.state`` to the condition.
+      embodiment_action_dim: with the ``"octo"`` sampler, sample only the first this many action dims; the rest
+        (dims padded for other embodiments in training) are held at the noise level the denoiser saw for them at
+        each step, ``sqrt(1 - abar_t) * z``, as Octo's ``predict_action(embodiment_action_dim=...)`` does, so
+        untrained padding does not steer the real dims. ``None``: every dim.
     """
 
     def __init__(self, action_dim: int, horizon: int, context: ContextSpec | int, *, denoiser: str = "mlp_resnet",
@@ -259,7 +263,8 @@ class DiffusionHead(ActionHead):
                  variance_type: str = "fixed_large", num_steps: int | None = None, timestep_spacing: str = "leading",
                  steps_offset: int = 0, eta: float = 0.0, set_alpha_to_one: bool = True, clip_sample: bool = True,
                  clip_sample_range: float = 1.0, pool: str = "mean", num_heads: int | None = None,
-                 state_dim: int | None = None, denoiser_kwargs: dict | None = None, rngs: nnx.Rngs):
+                 state_dim: int | None = None, denoiser_kwargs: dict | None = None,
+                 embodiment_action_dim: int | None = None, rngs: nnx.Rngs):
         self._init_contract(action_dim, horizon, context)
         for value, known, what in ((denoiser, DENOISERS, "denoiser"), (sampler, SAMPLERS, "sampler"),
                                    (prediction_type, ns.PREDICTION_TYPES, "prediction_type"),
@@ -273,6 +278,7 @@ class DiffusionHead(ActionHead):
             raise ValueError(f"sampler='octo' predicts the noise at every one of the {num_train_timesteps} "
                              f"timesteps; got prediction_type={prediction_type!r}, num_steps={num_steps}")
         self.prediction_type, self.sampler, self.variance_type = prediction_type, sampler, variance_type
+        self.embodiment_action_dim = self._check_embodiment_dim(embodiment_action_dim)
         self.num_steps = num_steps or (num_train_timesteps if sampler in ("ddpm", "octo")
                                        else min(10, num_train_timesteps))
         self.spacing, self.steps_offset, self.eta, self.set_alpha_to_one = timestep_spacing, steps_offset, eta, \
@@ -288,6 +294,16 @@ class DiffusionHead(ActionHead):
             self.denoiser = MLPResNetDenoiser(self.action_dim, self.horizon, cond_dim, rngs=rngs, **kwargs)
         else:
             self.denoiser = ConditionalUnet1D(self.action_dim, self.horizon, cond_dim, rngs=rngs, **kwargs)
+
+    def _check_embodiment_dim(self, dims: int | None) -> int | None:
+        if dims is None:
+            return None
+        if self.sampler != "octo":
+            raise ValueError(f"embodiment_action_dim={dims} needs sampler='octo' (Octo's masked reverse process); "
+                             f"this head samples with {self.sampler!r}")
+        if not 0 < int(dims) <= self.action_dim:
+            raise ValueError(f"embodiment_action_dim={dims} is outside 1..{self.action_dim} (the head's action_dim)")
+        return int(dims)
 
     def condition(self, ctx: HeadContext) -> jax.Array:
         """The conditioning vector ``[B, C]`` (computed once per chunk)."""
@@ -318,8 +334,10 @@ class DiffusionHead(ActionHead):
     def sample(self, ctx: HeadContext, *, rngs: RngLike, num_steps: int | None = None, lm=None,
                guide_actions: jax.Array | None = None, guide_weights: jax.Array | None = None,
                max_guidance: float = 5.0, noise: jax.Array | None = None,
-               step_noise: jax.Array | None = None) -> jax.Array:
+               step_noise: jax.Array | None = None, embodiment_action_dim: int | None = None) -> jax.Array:
         """Reverse diffusion from Gaussian noise: ``[B, H, A]``.
+
+        ``embodiment_action_dim`` overrides the head's setting for this call (see the class docstring).
 
         ``noise [B, H, A]`` replaces the initial draw and ``step_noise [steps, B, H, A]`` the draw of every step
         (to reproduce another implementation's sample from its noise).
@@ -351,6 +369,12 @@ class DiffusionHead(ActionHead):
         common = dict(prediction_type=self.prediction_type, clip_sample=self.clip_sample,
                       clip_sample_range=self.clip_sample_range)
 
+        real_dims = self._check_embodiment_dim(embodiment_action_dim) or self.embodiment_action_dim
+        if real_dims is not None and real_dims < self.action_dim:
+            real = jnp.arange(self.action_dim) < real_dims
+            padded_std = jnp.sqrt(1.0 - jnp.asarray(self.schedule.alphas_cumprod, jnp.float32))
+        else:
+            real = None
         if guide_actions is not None:
             weights = guide_weight_array(guide_weights, guide_actions)
             target = jnp.asarray(guide_actions, x.dtype)
@@ -368,6 +392,8 @@ class DiffusionHead(ActionHead):
             if self.sampler == "octo":
                 new, _ = ns.ddpm_sample_space_step(self.schedule, out, t, x, noise,
                                                    clip_range=self.clip_sample_range if self.clip_sample else None)
+                if real is not None:
+                    new = jnp.where(real, new, padded_std[t].astype(x.dtype) * noise)
             elif self.sampler == "ddpm":
                 new, _ = ns.ddpm_step(self.schedule, out, t, prev, x, noise, variance_type=self.variance_type,
                                       **common)
