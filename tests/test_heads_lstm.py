@@ -55,5 +55,5 @@ def test_mlp_variant_reads_each_frame_alone_and_every_frame_supervision_checks_t
     with pytest.raises(ValueError, match=r"reads 4 frames predicting steps_per_frame=2 actions each, so the chunk "
                                          r"must have 5 steps; the head's horizon is 6"):
         head.sample(_ctx(n=4))
-    with pytest.raises(ValueError, match=r"unknown temporal model 'gru'; known: \['lstm', 'mlp'\]"):
+    with pytest.raises(ValueError, match=r"unknown temporal model 'gru'; known: \['lstm', 'mlp', 'gpt'\]"):
         get_head("lstm", action_dim=3, horizon=6, context=6, temporal="gru")

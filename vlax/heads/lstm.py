@@ -6,6 +6,7 @@ observation frame (RoboFlamingo max-pools the language model's hidden states of 
 
     features [B, T, D] -> 4-layer LSTM (hidden 1024, dropout 0.1 between layers)     temporal="lstm" (default)
                        or Dense(D/2) . ReLU . Dense(hidden) per frame                temporal="mlp"  (RoboFlamingo's fc)
+                       or [Dense(hidden)] + learned positions -> causal GPT-2        temporal="gpt"  (its GPTDecoder)
                        -> pose tower:    Dense 1024 . 512 . 256 (ReLU) -> k * (A - G) values, tanh
                        -> gripper tower: the same -> k * G logits (sigmoid)
 
@@ -22,7 +23,10 @@ Which frame predicts what (``supervise``):
   execute now is index ``T - 1``.
 * ``"last_frame"``: the newest real token predicts the whole chunk (``k = H``); works over any context.
 
-Padding tokens (``ctx.mask`` false) leave the LSTM state unchanged.
+Padding tokens (``ctx.mask`` false) leave the LSTM state unchanged. The GPT variant (GPT-2 blocks: pre-LN, biased
+attention scaled by ``1/sqrt(head_dim)``, tanh-GELU MLP of 4x width, LayerNorm eps 1e-5, a final LayerNorm; no
+dropout) hides padded frames as keys and numbers the real frames 0, 1, ... as RoboFlamingo's growing history
+memory does at an episode's start; ``max_frames`` is its ``n_positions`` (the history length).
 """
 
 from __future__ import annotations
@@ -33,10 +37,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlax.nn import ContextSpec, Dense, HeadContext
+from vlax.nn import ContextSpec, Dense, HeadContext, MaskedEncoder, positions_from_mask
 from vlax.nn.head_base import ActionHead, RngLike, dropout, last_valid_index, masked_mean, split_rngs
 
-TEMPORAL = ("lstm", "mlp")
+TEMPORAL = ("lstm", "mlp", "gpt")
 SUPERVISE = ("every_frame", "last_frame")
 
 
@@ -93,8 +97,9 @@ class LSTMHead(ActionHead):
     Args:
       action_dim, horizon: actions are ``[B, horizon, action_dim]``.
       context: :class:`vlax.nn.ContextSpec` (``width`` D of the per-frame features).
-      hidden_dim: LSTM hidden size (RoboFlamingo: 1024). num_layers: stacked LSTM layers (4).
-      dropout: between LSTM layers while training (0.1). temporal: ``"lstm"`` or ``"mlp"``.
+      hidden_dim: LSTM hidden size / GPT width (RoboFlamingo: 1024). num_layers: stacked LSTM layers (4) or GPT
+        blocks (RoboFlamingo's GPT decoder: 8). gpt_heads: GPT attention heads (8). max_frames: GPT positions (12).
+      dropout: between LSTM layers while training (0.1). temporal: ``"lstm"``, ``"mlp"`` or ``"gpt"``.
       tower_dims: hidden sizes of the two output towers ((1024, 512, 256)).
       gripper_dims: trailing action dims classified as a gripper (1; 0 for none).
       gripper_weight: weight of the gripper's cross-entropy (0.01). supervise: ``"every_frame"`` / ``"last_frame"``.
@@ -108,7 +113,7 @@ class LSTMHead(ActionHead):
                  num_layers: int = 4, dropout: float = 0.1, temporal: str = "lstm",
                  tower_dims: Sequence[int] = (1024, 512, 256), gripper_dims: int = 1, gripper_weight: float = 0.01,
                  supervise: str = "last_frame", steps_per_frame: int = 1, pose_activation: str = "tanh",
-                 huber_delta: float = 1.0, rngs: nnx.Rngs):
+                 huber_delta: float = 1.0, gpt_heads: int = 8, max_frames: int = 12, rngs: nnx.Rngs):
         self._init_contract(action_dim, horizon, context)
         if temporal not in TEMPORAL:
             raise ValueError(f"unknown temporal model {temporal!r}; known: {list(TEMPORAL)}")
@@ -124,14 +129,23 @@ class LSTMHead(ActionHead):
         self.temporal, self.supervise, self.steps = temporal, supervise, k
         self.gripper_dims, self.gripper_weight = int(gripper_dims), float(gripper_weight)
         self.dropout_rate, self.pose_activation, self.huber_delta = float(dropout), pose_activation, float(huber_delta)
-        width = self.context.width
+        width, hidden_dim = self.context.width, int(hidden_dim)
+        rnn = frame_mlp = gpt = gpt_in = gpt_positions = None
         if temporal == "lstm":
-            sizes = [width] + [int(hidden_dim)] * int(num_layers)
-            self.rnn = nnx.List([LSTMLayer(a, b, rngs=rngs) for a, b in zip(sizes, sizes[1:])])
-            self.frame_mlp = None
+            sizes = [width] + [hidden_dim] * int(num_layers)
+            rnn = nnx.List([LSTMLayer(a, b, rngs=rngs) for a, b in zip(sizes, sizes[1:])])
+        elif temporal == "mlp":
+            frame_mlp = MLPTower(width, (width // 2,), hidden_dim, rngs=rngs)
         else:
-            self.rnn = None
-            self.frame_mlp = MLPTower(width, (width // 2,), int(hidden_dim), rngs=rngs)
+            if hidden_dim % int(gpt_heads):
+                raise ValueError(f"hidden_dim={hidden_dim} is not a multiple of gpt_heads={gpt_heads}")
+            gpt_in = Dense(width, hidden_dim, axes=("embed", "mlp"), rngs=rngs) if width != hidden_dim else None
+            gpt_positions = nnx.Param(jax.random.normal(rngs.params(), (int(max_frames), hidden_dim)) * 0.02)
+            gpt = MaskedEncoder(hidden_dim, int(num_layers), int(gpt_heads), 4 * hidden_dim, act="gelu_tanh",
+                                norm_eps=1e-5, rngs=rngs)
+        self.max_frames = int(max_frames)
+        self.rnn, self.frame_mlp, self.gpt = nnx.data(rnn), nnx.data(frame_mlp), nnx.data(gpt)
+        self.gpt_in, self.gpt_positions = nnx.data(gpt_in), nnx.data(gpt_positions)
         pose_dims = self.action_dim - self.gripper_dims
         self.actions = MLPTower(hidden_dim, tower_dims, k * pose_dims, rngs=rngs) if pose_dims else None
         self.gripper = MLPTower(hidden_dim, tower_dims, k * self.gripper_dims, rngs=rngs) if gripper_dims else None
@@ -142,14 +156,30 @@ class LSTMHead(ActionHead):
         """Per-frame hidden states ``[B, T, hidden]``."""
         self.check_context(ctx)
         x, mask = ctx.tokens, jnp.asarray(ctx.mask, bool)
-        if self.rnn is None:
+        if self.frame_mlp is not None:
             return self.frame_mlp(x)
+        if self.gpt is not None:
+            return self._gpt_features(x, mask)
         keys = [None] * len(self.rnn) if key is None else list(jax.random.split(key, len(self.rnn)))
         for i, layer in enumerate(self.rnn):
             x = layer(x, mask)
             if i < len(self.rnn) - 1:  # torch's LSTM drops out between layers, not after the last
                 x = dropout(x, self.dropout_rate, keys[i], train)
         return x
+
+    def _gpt_features(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        t = x.shape[1]
+        if t > self.max_frames:
+            raise ValueError(f"the GPT head has max_frames={self.max_frames} positions but got {t} frames; raise "
+                             "max_frames (RoboFlamingo: the history length) or shorten data.obs_history")
+        if self.gpt_in is not None:
+            x = self.gpt_in(x)
+        positions = jnp.maximum(positions_from_mask(mask), 0)
+        x = x + self.gpt_positions[...].astype(x.dtype)[positions]
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        # a padded frame attends to itself only, so its (unused) row stays finite
+        attend = (causal[None] & mask[:, None, :]) | jnp.eye(t, dtype=bool)[None]
+        return self.gpt(x, attend)
 
     def _outputs(self, ctx: HeadContext, train: bool, key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         """``(pose [B, T', k, A - G], gripper logits [B, T', k, G])`` for the frames that predict."""

@@ -4,7 +4,7 @@ Everything here is plain Flax NNX; parameters carry logical axis names (see :mod
 """
 
 from vlax.nn.attention import Attention, dot_product_attention
-from vlax.nn.blocks import DecoderBlock
+from vlax.nn.blocks import DecoderBlock, EncoderBlock, MaskedEncoder
 from vlax.nn.context import ContextSpec, HeadContext, LanguageModel, unpack_decode
 from vlax.nn.kv_cache import KVCache
 from vlax.nn.linear import Dense, Embed
@@ -22,7 +22,7 @@ __all__ = [
     "Attention", "dot_product_attention", "KVCache", "Dense", "Embed", "LoRADense", "LoRAParam", "apply_lora",
     "merge_lora", "make_attn_mask", "positions_from_mask", "prefix_suffix_mask", "GatedMlp", "Mlp", "activation",
     "LayerNorm", "LayerScale", "RMSNorm", "count_params", "logical_axes_of", "param", "RopeConfig", "apply_rope",
-    "inverse_frequencies", "DecoderBlock", "REMAT_POLICIES", "remat_policy", "scan_layers", "stack_layers",
+    "inverse_frequencies", "DecoderBlock", "EncoderBlock", "MaskedEncoder", "REMAT_POLICIES", "remat_policy", "scan_layers", "stack_layers",
     "ContextSpec", "HeadContext", "LanguageModel", "unpack_decode",
     "ActionHead", "AttentionPool", "combine_masks", "split_rngs", "NoiseSchedule",
 ]

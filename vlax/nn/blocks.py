@@ -1,4 +1,9 @@
-"""Pre-norm transformer blocks shared by the language backbones and the action experts."""
+"""Pre-norm transformer blocks shared by the language backbones, the action experts and the heads.
+
+``DecoderBlock``: RMSNorm, RoPE attention, gated MLP (Llama / Gemma). ``EncoderBlock`` / ``MaskedEncoder``:
+``x += attn(LN(x)); x += mlp(LN(x))`` with biases on every projection, over an explicit ``[B, N, N]`` boolean
+mask (ViT / Octo / GPT-2 blocks; the MLP activation defaults to the tanh GELU, Flax's ``nn.gelu`` and GPT-2's
+``gelu_new``), then a final LayerNorm; the caller owns the layout (see :mod:`vlax.nn.group_mask`)."""
 
 from __future__ import annotations
 
@@ -7,8 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlax.nn.attention import Attention, Implementation
-from vlax.nn.mlp import GatedMlp
-from vlax.nn.norms import RMSNorm
+from vlax.nn.mlp import GatedMlp, Mlp
+from vlax.nn.norms import LayerNorm, RMSNorm
 from vlax.nn.rope import RopeConfig
 
 
@@ -56,3 +61,35 @@ class DecoderBlock(nnx.Module):
         x = x + h.astype(x.dtype)
         x = x + self.mlp(self.post_attention_layernorm(x)).astype(x.dtype)
         return x, new_kv
+
+
+
+class EncoderBlock(nnx.Module):
+    def __init__(self, width: int, num_heads: int, mlp_dim: int, *, act: str = "gelu_tanh", norm_eps: float = 1e-6,
+                 rngs: nnx.Rngs):
+        self.norm1 = LayerNorm(width, eps=norm_eps, rngs=rngs)
+        self.attn = Attention(width, num_heads, use_bias=True, rngs=rngs)
+        self.norm2 = LayerNorm(width, eps=norm_eps, rngs=rngs)
+        self.mlp = Mlp(width, mlp_dim, act=act, rngs=rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        h, _ = self.attn(self.norm1(x), mask=mask)
+        x = x + h
+        return x + self.mlp(self.norm2(x))
+
+
+class MaskedEncoder(nnx.Module):
+    """``x [B, N, D]``, ``mask [B, N, N]`` (query, key) -> ``[B, N, D]``."""
+
+    def __init__(self, width: int, depth: int, num_heads: int, mlp_dim: int, *, act: str = "gelu_tanh",
+                 norm_eps: float = 1e-6, rngs: nnx.Rngs):
+        if width % num_heads:
+            raise ValueError(f"width={width} is not a multiple of num_heads={num_heads}")
+        self.layers = nnx.List([EncoderBlock(width, num_heads, mlp_dim, act=act, norm_eps=norm_eps, rngs=rngs)
+                                for _ in range(depth)])
+        self.final_norm = LayerNorm(width, eps=norm_eps, rngs=rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.final_norm(x)

@@ -34,11 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlax.backbones.encoder import MaskedEncoder
 from vlax.encoders.small_stem import SmallStem
 from vlax.encoders.t5 import T5Config, T5Encoder
 from vlax.heads import get_head
-from vlax.nn import ContextSpec, Dense, HeadContext, param
+from vlax.nn import ContextSpec, Dense, HeadContext, MaskedEncoder, param
 from vlax.nn.group_mask import Group, group_attention_mask, group_layout_mask
 from vlax.policy import PolicySpec
 from vlax.presets import register
