@@ -29,7 +29,9 @@ class CheckpointInfo:
       directory: the checkpoints directory (``<workdir>/checkpoints`` or the path given).
       step: the checkpoint step evaluated (the newest one unless asked otherwise).
       config: the fully resolved training config (a plain dict).
-      settings: how the environment renders, as the training data was recorded (camera, size, encoding, pose).
+      settings: how the environment renders, as the training data was recorded (every camera, size, encoding,
+        pose).
+      camera_names: the policy's name of each of ``settings.cameras`` (the source's camera mapping).
       policy_image_size: the size the policy sees (frames are resized to it like the training pipeline did).
       state_dim / action_dim: real (unpadded) dims from the normalization artifact.
       horizon: actions per predicted chunk ``H``.
@@ -47,6 +49,7 @@ class CheckpointInfo:
     horizon: int
     trained_tasks: tuple[str, ...]
     obs_history: int = 1
+    camera_names: tuple[str, ...] = ()
 
 
 def checkpoints_directory(path: str | os.PathLike) -> Path:
@@ -106,9 +109,9 @@ def read_checkpoint_info(path: str | os.PathLike, *, step: int | None = None) ->
     elif "type" not in normalization:
         normalization = normalization.get(source.get("name") or "metaworld_experts", {})
     # experiments/train.py records its dataset with the generator's defaults apart from the size and camera.
-    cameras = tuple(c[len("image_"):] if c.startswith("image_") else c for c in (source.get("cameras") or
-                                                                             {"corner2": "corner2"}))
-    settings = sim.RolloutSettings(image_size=int(source.get("image_size", 128)), cameras=cameras[:1])
+    camera_map = source.get("cameras") or {"corner2": "corner2"}
+    cameras = tuple(c[len("image_"):] if c.startswith("image_") else c for c in camera_map)
+    settings = sim.RolloutSettings(image_size=int(source.get("image_size", 128)), cameras=cameras)
     stats = normalization.get("stats", {})
     dims = {k: len(stats[k]["mean"]) for k in ("state", "action") if k in stats}
     if dims.get("action") != sim.ACTION_DIM:
@@ -122,5 +125,5 @@ def read_checkpoint_info(path: str | os.PathLike, *, step: int | None = None) ->
         directory=str(directory), step=step, config=config, settings=settings,
         policy_image_size=int(data["image_size"]), state_dim=state_dim, action_dim=dims["action"],
         horizon=int(data["action_horizon"]), trained_tasks=task_sets.resolve_tasks(source["tasks"]),
-        obs_history=int(data.get("obs_history", 1)),
+        obs_history=int(data.get("obs_history", 1)), camera_names=tuple(str(v) for v in camera_map.values()),
     )

@@ -83,6 +83,7 @@ class EpisodeJob:
     # whether it runs before the act step that needs it ("sync") or on a background thread ("async")
     plan_every: int | None = None
     plan_mode: str = "sync"
+    camera_names: tuple[str, ...] = ()  # the policy's name of each rendered camera (empty: its own, in order)
 
 
 class _ExpertActor:
@@ -117,7 +118,8 @@ class _CheckpointActor:
 
     compiles = True  # its first call traces and compiles
 
-    def __init__(self, path: str | None, step: int | None, settings: RolloutSettings, *, runner: Any = None):
+    def __init__(self, path: str | None, step: int | None, settings: RolloutSettings, *, runner: Any = None,
+                 camera_names: tuple[str, ...] = ()):
         from vlax.inference import PolicyRunner
 
         self.calls = 0
@@ -129,7 +131,13 @@ class _CheckpointActor:
         self.horizon = int(self.runner.executed_horizon)  # the actions queued / ensembled per call
         self.settings = settings
         self.state_dim = self.pipeline.metadata()["state_dim"]
-        self.camera = self.runner.spec.cameras[0]
+        # Rendered camera i reaches the policy as its camera names[i] (training's dataset -> policy mapping).
+        names = tuple(camera_names) or tuple(self.runner.spec.cameras[:len(settings.cameras)])
+        missing = sorted(set(self.runner.spec.cameras) - set(names))
+        if len(names) != len(settings.cameras) or missing:
+            raise ValueError(f"the policy sees cameras {list(self.runner.spec.cameras)} but the environment renders "
+                             f"{list(settings.cameras)} as {list(names)}")
+        self.cameras = dict(zip(settings.cameras, names))
         # The policy's window of the last obs_history steps; a pass-through when it sees one step.
         self.session = self.runner.session()
         self.observes_every_step = self.runner.spec.obs_history > 1
@@ -160,10 +168,12 @@ class _CheckpointActor:
             frame = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
         return frame[None]
 
-    def _raw(self, frame: np.ndarray, sim_obs: np.ndarray, instruction: str) -> dict:
-        """One control step as a batched raw observation (batch of one)."""
-        return {"images": {self.camera: self._image(frame)}, "state": sim_obs[None, :self.state_dim],
-                "prompt": [instruction]}
+    def _raw(self, frame: np.ndarray | dict, sim_obs: np.ndarray, instruction: str) -> dict:
+        """One control step as a batched raw observation (batch of one); ``frame`` is the render of the one camera
+        or ``{rendered camera: frame}``."""
+        frames = frame if isinstance(frame, dict) else {next(iter(self.cameras)): frame}
+        images = {self.cameras[camera]: self._image(f) for camera, f in frames.items()}
+        return {"images": images, "state": sim_obs[None, :self.state_dim], "prompt": [instruction]}
 
     def observe(self, frame: np.ndarray, sim_obs: np.ndarray, instruction: str) -> None:
         """Record a control step at which the policy does not act (a history policy sees every step)."""
@@ -195,7 +205,8 @@ def _actor(job: EpisodeJob, expert: Any):
         return actor
     key = (job.policy, job.checkpoint_step)
     if _worker.get("checkpoint_key") != key:
-        _worker["checkpoint"] = _CheckpointActor(job.policy, job.checkpoint_step, job.settings)
+        _worker["checkpoint"] = _CheckpointActor(job.policy, job.checkpoint_step, job.settings,
+                                                 camera_names=job.camera_names)
         _worker["checkpoint_key"] = key
     return _worker["checkpoint"]
 
@@ -212,14 +223,18 @@ def _ensembler(horizon: int, coeff: float):
     return _worker["ensemblers"][key]
 
 
-def _frame(task: str, layout_seed: int, step: int) -> np.ndarray:
-    frame = sim.render_upright(0)
-    if int(frame.max()) <= sim.BLACK_FRAME_MAX_VALUE:
-        raise sim.BlackFrameError(
-            f"All-black frame (task {task}, layout seed {layout_seed}, step {step}): a GL context was lost. Use one "
-            "environment per process and close + delete + gc.collect() an environment before building the next one."
-        )
-    return frame
+def _frame(task: str, layout_seed: int, step: int, cameras: tuple[str, ...]) -> np.ndarray | dict:
+    """The upright render of the one camera, or ``{camera: frame}`` of several."""
+    frames = {}
+    for i, camera in enumerate(cameras):
+        frame = sim.render_upright(i)
+        if int(frame.max()) <= sim.BLACK_FRAME_MAX_VALUE:
+            raise sim.BlackFrameError(
+                f"All-black frame from camera {camera!r} (task {task}, layout seed {layout_seed}, step {step}): a GL "
+                "context was lost. Use one environment per process and close + delete + gc.collect() an environment "
+                "before building the next one.")
+        frames[camera] = frame
+    return frames[cameras[0]] if len(cameras) == 1 else frames
 
 
 def run_episode(job: EpisodeJob) -> dict[str, Any]:
@@ -232,7 +247,8 @@ def run_episode(job: EpisodeJob) -> dict[str, Any]:
     started = time.perf_counter()
     env, expert = sim.ensure_env(job.task, job.settings)
     actor = _actor(job, expert)
-    rollout = run_rollout(env, actor, job, lambda t: _frame(job.task, job.layout_seed, t))
+    rollout = run_rollout(env, actor, job, lambda t: _frame(job.task, job.layout_seed, t,
+                                                                       job.settings.cameras))
     if not _worker.get("close_at_exit"):
         # After the first render mujoco has registered its display teardown; hooks run last-in first-out, so the
         # environment's GL context is freed before the display goes.
@@ -303,8 +319,8 @@ def run_rollout(env: Any, actor: Any, job: EpisodeJob, render: Any) -> dict[str,
         must_act = queue is None or len(queue) == 0
         needs_frame = must_act or observes_every_step
         frame = render(t) if needs_frame or job.video_path else None
-        if job.video_path:
-            frames.append(frame)
+        if job.video_path:  # several cameras side by side
+            frames.append(np.concatenate(list(frame.values()), axis=1) if isinstance(frame, dict) else frame)
         if must_act:
             call_started = time.perf_counter()
             chunk = actor.act(frame, obs, job.instruction, jax.random.fold_in(episode_key, calls), step=t)

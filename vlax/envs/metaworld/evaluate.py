@@ -7,7 +7,7 @@
 ``policy`` is a checkpoint (a training workdir or its ``checkpoints`` directory; each worker loads it with
 :class:`vlax.inference.PolicyRunner`) or ``"expert"`` (Meta-World's scripted experts, run through the same
 environment, camera, rendering and success rule: it proves the harness independent of any policy). Everything a
-checkpoint was trained with comes from the checkpoint: camera, render size (the dataset's), the policy's image
+checkpoint was trained with comes from the checkpoint: its cameras, render size (the dataset's), the policy's image
 size, the state and action dims, the chunk length ``H``. Frames reach the policy as training frames did: rendered
 upright, stored with the dataset's encoding (JPEG), decoded and resized by the training pipeline's function.
 
@@ -36,8 +36,8 @@ Results (returned, and written to ``results_path`` as JSON), schema version 1::
     policy            str     "expert" or the absolute checkpoint directory
     checkpoint_step   int | null
     config            {tasks: [str], episodes_per_task, seed, execution: "receding"|"ensemble", replan_every,
-                       ensemble_k, max_steps: int|null, num_workers, camera, render_size, policy_image_size:
-                       int|null, horizon, obs_history, instruction_paraphrase, layout_seed_start,
+                       ensemble_k, max_steps: int|null, num_workers, camera (the rendered cameras,
+                       comma-joined), render_size, policy_image_size: int|null, horizon, obs_history, instruction_paraphrase, layout_seed_start,
                        video_dir: str|null,
                        video_episodes, plan_every: int|null, plan_mode}
     versions          {metaworld, mujoco, jax, python}
@@ -212,14 +212,16 @@ def evaluate(
     if str(policy) == EXPERT:
         settings = RolloutSettings(image_size=image_size or 128, cameras=(camera or "corner2",))
         policy_name, step, horizon, policy_image_size, trained = EXPERT, None, 1, None, None
+        camera_names = ()
         obs_history = 1
         replan = 1  # the expert acts every step
     else:
         info = read_checkpoint_info(policy, step=checkpoint_step)
-        trained_camera = info.settings.cameras[0]
-        if camera is not None and camera != trained_camera:
-            raise CheckpointError(f"camera {camera!r} is not one the checkpoint was trained with "
-                                  f"({trained_camera!r}); leave camera unset to use {trained_camera!r}")
+        trained_cameras = ",".join(info.settings.cameras)
+        if camera is not None and camera != trained_cameras:
+            raise CheckpointError(f"camera {camera!r} is not what the checkpoint was trained with "
+                                  f"({trained_cameras!r}); leave camera unset to use {trained_cameras!r}")
+        camera_names = info.camera_names
         if image_size is not None and image_size != info.settings.image_size:
             raise CheckpointError(f"image_size={image_size} differs from the {info.settings.image_size} px frames "
                                   f"the checkpoint's data was recorded at; leave image_size unset")
@@ -250,7 +252,7 @@ def evaluate(
                 layout_seed=layout_seed(task, episode, seed), seed=seed,
                 instruction=instructions.instruction(task, instruction_paraphrase), settings=settings,
                 execution=execution, replan_every=replan, ensemble_k=float(ensemble_k), max_steps=max_steps,
-                video_path=video, plan_every=plan_every, plan_mode=plan_mode))
+                video_path=video, plan_every=plan_every, plan_mode=plan_mode, camera_names=camera_names))
     started = time.perf_counter()
     episodes = _run(jobs, num_workers, gl_backend, progress)
     wall_s = time.perf_counter() - started
@@ -264,7 +266,7 @@ def evaluate(
         "config": {
             "tasks": list(task_names), "episodes_per_task": episodes_per_task, "seed": seed,
             "execution": execution, "replan_every": replan, "ensemble_k": float(ensemble_k), "max_steps": max_steps,
-            "num_workers": num_workers, "camera": settings.cameras[0], "render_size": settings.image_size,
+            "num_workers": num_workers, "camera": ",".join(settings.cameras), "render_size": settings.image_size,
             "policy_image_size": policy_image_size, "horizon": horizon, "obs_history": obs_history,
             "instruction_paraphrase": instruction_paraphrase,
             "layout_seed_start": task_sets.EVAL_LAYOUT_SEED_START,
