@@ -61,3 +61,21 @@ def test_bad_settings_are_named():
         ConvStem(32, channels=(12, 32), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="image_size=8 is too small for 4 stride-2 stages"):
         ConvStem(32, image_size=8, rngs=nnx.Rngs(0))
+
+
+def test_keypoint_tokens_follow_a_small_marker_and_train():
+    """keypoints=K appends K soft-argmax tokens from the quarter-size map; moving a 2-pixel marker moves them, and
+    every parameter (keypoint maps and embeddings included) gets a gradient."""
+    stem = ConvStem(32, image_size=32, channels=(16, 16, 16), keypoints=4, rngs=nnx.Rngs(0))
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    images[0, 4:6, 4:6] = 255
+    images[1, 26:28, 20:22] = 255
+    out = nnx.jit(lambda m, x: m(x))(stem, jnp.asarray(images))
+    assert out.shape == (2, 4 * 4 + 4, 32)
+    assert float(jnp.abs(out[0, 16:] - out[1, 16:]).max()) > 1e-3
+    graphdef, params = nnx.split(stem, nnx.Param)
+    grads = jax.jit(jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p)(jnp.asarray(images)) ** 2)))(params)
+    for path, g in nnx.to_flat_state(grads):
+        assert float(jnp.abs(g.get_value()).sum()) > 0, path
+    with pytest.raises(ValueError, match="keypoint_stage=4"):
+        ConvStem(32, image_size=32, channels=(16, 16, 16), keypoints=4, keypoint_stage=4, rngs=nnx.Rngs(0))
