@@ -288,6 +288,7 @@ def test_embodiment_action_dim_holds_padded_dims_at_their_training_noise(diffusi
     sampled = np.asarray(run(head, ctx, noise, steps, k))
     assert err(sampled, x) <= TOL * FIRST_STEP_GAIN
     last_z = np.asarray(steps[-1])
+    # the head's float32 alpha_hat against Octo's stored one: one float32 rounding of sqrt(1 - alpha_hat) * z
     np.testing.assert_allclose(sampled[..., k:], np.sqrt(1 - alpha_hats[0]) * last_z[..., k:], rtol=0, atol=1e-6)
     assert not np.allclose(sampled[..., :k], np.asarray(run(head, ctx, noise, steps, 7))[..., :k], atol=1e-4)
     # all dims real is the unmasked sampler

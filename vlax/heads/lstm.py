@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlax.nn import ContextSpec, Dense, HeadContext, MaskedEncoder, positions_from_mask
+from vlax.nn import ContextSpec, Dense, HeadContext, MaskedEncoder, make_attn_mask, param, positions_from_mask
 from vlax.nn.head_base import ActionHead, RngLike, dropout, last_valid_index, masked_mean, split_rngs
 
 TEMPORAL = ("lstm", "mlp", "gpt")
@@ -140,7 +140,7 @@ class LSTMHead(ActionHead):
             if hidden_dim % int(gpt_heads):
                 raise ValueError(f"hidden_dim={hidden_dim} is not a multiple of gpt_heads={gpt_heads}")
             gpt_in = Dense(width, hidden_dim, axes=("embed", "mlp"), rngs=rngs) if width != hidden_dim else None
-            gpt_positions = nnx.Param(jax.random.normal(rngs.params(), (int(max_frames), hidden_dim)) * 0.02)
+            gpt_positions = param(rngs, nnx.initializers.normal(0.02), (int(max_frames), hidden_dim), (None, "mlp"))
             gpt = MaskedEncoder(hidden_dim, int(num_layers), int(gpt_heads), 4 * hidden_dim, act="gelu_tanh",
                                 norm_eps=1e-5, rngs=rngs)
         self.max_frames = int(max_frames)
@@ -176,9 +176,8 @@ class LSTMHead(ActionHead):
             x = self.gpt_in(x)
         positions = jnp.maximum(positions_from_mask(mask), 0)
         x = x + self.gpt_positions[...].astype(x.dtype)[positions]
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        # a padded frame attends to itself only, so its (unused) row stays finite
-        attend = (causal[None] & mask[:, None, :]) | jnp.eye(t, dtype=bool)[None]
+        # causal over the real frames; a padded frame attends to itself only, so its (unused) row stays finite
+        attend = make_attn_mask(mask, jnp.ones(t, jnp.int32)) | jnp.eye(t, dtype=bool)[None]
         return self.gpt(x, attend)
 
     def _outputs(self, ctx: HeadContext, train: bool, key: jax.Array | None) -> tuple[jax.Array, jax.Array]:

@@ -37,7 +37,8 @@ Results (returned, and written to ``results_path`` as JSON), schema version 1::
     checkpoint_step   int | null
     config            {tasks: [str], episodes_per_task, seed, execution: "receding"|"ensemble", replan_every,
                        ensemble_k, max_steps: int|null, num_workers, camera (the rendered cameras,
-                       comma-joined), render_size, policy_image_size: int|null, horizon, obs_history, instruction_paraphrase, layout_seed_start,
+                       comma-joined), render_size, policy_image_size: int|null, horizon, obs_history,
+                       instruction_paraphrase, layout_seed_start,
                        video_dir: str|null,
                        video_episodes, plan_every: int|null, plan_mode}
     versions          {metaworld, mujoco, jax, python}
@@ -219,7 +220,7 @@ def evaluate(
         info = read_checkpoint_info(policy, step=checkpoint_step)
         trained_cameras = ",".join(info.settings.cameras)
         if camera is not None and camera != trained_cameras:
-            raise CheckpointError(f"camera {camera!r} is not what the checkpoint was trained with "
+            raise CheckpointError(f"camera {camera!r} is not one the checkpoint was trained with "
                                   f"({trained_cameras!r}); leave camera unset to use {trained_cameras!r}")
         camera_names = info.camera_names
         if image_size is not None and image_size != info.settings.image_size:
