@@ -4,8 +4,8 @@ The fixture's weights are regenerated from the numpy recipe (tests/lerobot_refs.
 directory, imported, and LeRobot's reference calls are re-run: the global conditioning over the two-step history,
 the DDIM sample from the stored noise (all horizon steps), the executed chunk, the first call's [t0, t0] history,
 and the unnormalized actions, from the preprocessed inputs and from the raw dataset values through the one
-ObservationPipeline. Tolerance 1e-5 (fp32); the README measured LeRobot's own float32-vs-float64 spread of this
-output at 1.5e-6.
+ObservationPipeline. Tolerance 1e-5 (fp32) for the conditioning; 2e-5 for what the 5-step DDIM loop samples from
+it (SAMPLE_ATOL below).
 """
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ from vlax.weights.common import CheckpointError
 from vlax.weights.lerobot_diffusion import load_lerobot_diffusion
 
 ATOL = 1e-5
+# The DDIM loop runs the U-Net on its own output, and its rounding grows with each step: the first call's chunk is
+# 8.8e-6 from LeRobot's on one x86 CPU and 1.2e-5 on another, and moving every weight by one float32 ulp (three
+# random draws) moves that chunk by 4.7e-6 - 9.1e-6 (the conditioning it starts from by 2e-6). LeRobot re-run in
+# float64 moved its primary output by 1.5e-6 (fixture README). Two float32 programs that round in a different order
+# agree to about twice the one-ulp spread, and a wrong layer moves these outputs by 1e-2 or more.
+SAMPLE_ATOL = 2e-5
 DEFAULT_PARAMS = 262_709_026  # LeRobot's default DiffusionPolicy, counted from its meta-device key listing
 
 
@@ -81,14 +87,15 @@ def test_preprocessed_inputs_reproduce_lerobot(imported, reference):
     cond = global_condition(policy, *preprocessed_obs(policy, inputs, full))
     np.testing.assert_allclose(np.asarray(cond), outputs["global_cond_full_history"], rtol=0, atol=ATOL)
     sample = sample_from(policy, cond, outputs["noise"])
-    np.testing.assert_allclose(sample, outputs["sample_full_history"], rtol=0, atol=ATOL)
-    np.testing.assert_allclose(np.asarray(policy.executed(sample)), outputs["chunk_full_history"], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(sample, outputs["sample_full_history"], rtol=0, atol=SAMPLE_ATOL)
+    np.testing.assert_allclose(np.asarray(policy.executed(sample)), outputs["chunk_full_history"], rtol=0,
+                               atol=SAMPLE_ATOL)
     # select_action's first call: the queues hold [t0, t0]; it returns the first of the executed actions.
     first = np.asarray(policy.executed(sample_from(
         policy, global_condition(policy, *preprocessed_obs(policy, inputs, ("preprocessed", "preprocessed"))),
         outputs["noise"])))
-    np.testing.assert_allclose(first, outputs["chunk_first_call"], rtol=0, atol=ATOL)
-    np.testing.assert_allclose(first[:, 0], outputs["select_action"], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(first, outputs["chunk_first_call"], rtol=0, atol=SAMPLE_ATOL)
+    np.testing.assert_allclose(first[:, 0], outputs["select_action"], rtol=0, atol=SAMPLE_ATOL)
     # the reference is not trivially matched: clipping leaves interior values and the history matters
     assert np.mean(np.abs(outputs["sample_full_history"]) < 1) > 0.5
     assert np.abs(first - outputs["chunk_full_history"]).max() > 1e-2
@@ -115,11 +122,11 @@ def test_raw_inputs_through_the_observation_pipeline(imported, reference):
                                rtol=0, atol=1e-6)
     obs = {"images": model_inputs["images"], "state": model_inputs["state"]}
     chunk = policy_sample(policy, obs, jnp.asarray(outputs["noise"]))
-    np.testing.assert_allclose(np.asarray(chunk), outputs["sample_full_history"], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(chunk), outputs["sample_full_history"], rtol=0, atol=SAMPLE_ATOL)
     actions = pipeline.actions(policy.executed(chunk))
-    np.testing.assert_allclose(actions, outputs["chunk_full_history_unnormalized"], rtol=1e-5, atol=ATOL)
+    np.testing.assert_allclose(actions, outputs["chunk_full_history_unnormalized"], rtol=1e-5, atol=SAMPLE_ATOL)
     np.testing.assert_allclose(pipeline.actions(chunk), outputs["sample_full_history_unnormalized"], rtol=1e-5,
-                               atol=ATOL)
+                               atol=SAMPLE_ATOL)
 
 
 def test_head_sampling_equals_diffusers_ddim_loop():
