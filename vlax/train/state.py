@@ -125,6 +125,18 @@ def create_train_state_sharded(build_fn: Callable[[], nnx.Module], tx: optax.Gra
     return graphdef, state, jax.tree.map(lambda x: x.sharding, state)
 
 
+def module_norms(grads: Any, updates: Any, params: Any) -> dict:
+    """Per top-level module (encoder, backbone, head, ...): ``grad_norm/<module>`` and ``update_ratio/<module>``,
+    the norm of the step's update over the norm of the parameters. A module whose ratio stays orders of magnitude
+    below the others' is barely learning, which the global gradient norm hides."""
+    out = {}
+    for name, grad in nnx.to_pure_dict(grads).items():
+        update, param = nnx.to_pure_dict(updates)[name], nnx.to_pure_dict(params)[name]
+        out[f"grad_norm/{name}"] = optax.tree.norm(grad)
+        out[f"update_ratio/{name}"] = optax.tree.norm(update) / jnp.maximum(optax.tree.norm(param), 1e-12)
+    return out
+
+
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation, *,
                     ema_decay: float | None = None, learning_rate_fn: Callable | None = None):
     """Pure ``step(state, batch) -> (state, metrics)``; jit it with :func:`jit_train_step`."""
@@ -140,7 +152,8 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = ema_update(state.ema, params, ema_decay) if state.ema is not None and ema_decay else state.ema
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                       **module_norms(grads, updates, state.params))
         if learning_rate_fn is not None:
             metrics["learning_rate"] = learning_rate_fn(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
