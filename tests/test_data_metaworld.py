@@ -230,3 +230,26 @@ def test_black_frames_from_the_gl_trap_fail_loudly():
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert "BlackFrameError: All-black frame from camera 'corner2' (task reach, layout seed 0, step 0)" in proc.stdout, (
         proc.stdout + proc.stderr[-2000:])
+
+
+def test_hand_start_noise_moves_each_training_start_by_its_seed():
+    from vlax.envs.metaworld import sim
+
+    noise = 0.08
+    env, _ = sim.ensure_env("reach", sim.RolloutSettings(image_size=64, hand_start_noise=noise))
+    try:
+        def start(seed: int, noise: float) -> np.ndarray:
+            env.seed(seed)
+            sim.place_hand_start(env, seed, noise)
+            return env.reset()[0][:3].copy()
+
+        first, second, again, default = start(0, noise), start(1, noise), start(0, noise), start(0, 0.0)
+    finally:
+        sim.close_env()
+    np.testing.assert_allclose(first, again, atol=1e-6)  # the offset is drawn from the layout seed
+    assert np.abs(first - second).max() > 0.01
+    # the hand settles within a few mm of where it was sent: moved, and by no more than the noise
+    assert 0.01 < np.abs(first - default).max() < noise + 0.01
+    np.testing.assert_allclose(default, [0.0, 0.6, 0.2], atol=0.02)  # reach's own start
+    with pytest.raises(ValueError, match="hand_start_noise=-0.1"):
+        generate_metaworld_dataset("/nonexistent", tasks="reach", episodes_per_task=1, hand_start_noise=-0.1)

@@ -29,6 +29,7 @@ SOURCE_FIELDS = {
     "language_key": "", "gripper_dims": None, "normalization": "", "ignore_errors": False,
     # metaworld only: what to generate
     "tasks": "mt10", "episodes_per_task": 50, "image_size": 128, "num_workers": 2,
+    "hand_start_noise": 0.0,
 }
 
 # kind -> "module:function" taking (entry dict) and returning a source; registered by name so that the data layer

@@ -235,6 +235,7 @@ def generate_metaworld_dataset(
     steps_after_success: int = 5,
     image_encoding: str = "jpeg",
     published_camera_pose: bool = True,
+    hand_start_noise: float = 0.0,
     keep_failures: bool = False,
     max_attempts_per_task: int | None = None,
     num_shards: int | None = None,
@@ -253,6 +254,8 @@ def generate_metaworld_dataset(
       tasks: ``"mt10"``, ``"mt50"``, a comma-separated string or a list of task names.
       steps_after_success: steps recorded after the first success (evaluation stops at the first success; the
         extra steps show the policy the held goal state).
+      hand_start_noise: > 0 starts each episode's hand at a seeded offset of up to this many metres per axis
+        (:class:`~vlax.envs.metaworld.sim.RolloutSettings`); evaluation always starts at the task's start.
       num_shards: TFRecord files to write (default ``min(16, max(1, episodes // 4))``); hosts read disjoint files.
       num_workers: rollout processes (default: the number of CPU cores; 0 runs in this process).
       gl_backend: ``"egl"`` (falls back to ``"osmesa"`` if EGL cannot render) or ``"osmesa"``.
@@ -274,7 +277,10 @@ def generate_metaworld_dataset(
         steps_after_success=steps_after_success,
         image_encoding=image_encoding,
         published_camera_pose=published_camera_pose,
+        hand_start_noise=float(hand_start_noise),
     )
+    if hand_start_noise < 0:
+        raise ValueError(f"hand_start_noise={hand_start_noise}; use 0 (the task's start) or metres, e.g. 0.1")
     max_attempts = max_attempts_per_task or 2 * episodes_per_task + 10
     total = len(task_names) * episodes_per_task
     shards = num_shards or min(16, max(1, total // 4))
@@ -288,6 +294,8 @@ def generate_metaworld_dataset(
         "train_layout_seed_start": task_sets.TRAIN_LAYOUT_SEED_START,
         **_versions(),
     }
+    if not hand_start_noise:  # datasets recorded before the option existed keep their identity
+        args.pop("hand_start_noise")
     dataset_dir = os.path.join(out_dir, DATASET_NAME, DATASET_VERSION)
     args_path = os.path.join(dataset_dir, ARGS_FILE)
     if os.path.exists(args_path) and not overwrite:
@@ -350,7 +358,7 @@ def open_source(entry: dict) -> Any:
     ``entry["path"]`` is generated on first use (by process 0 of a multi-host run) and reused afterwards.
 
     The entry's ``cameras`` keys are the cameras to render (``image_<camera>`` in the data); ``tasks``,
-    ``episodes_per_task``, ``image_size`` and ``num_workers`` say what to generate.
+    ``episodes_per_task``, ``image_size``, ``hand_start_noise`` and ``num_workers`` say what to generate.
     """
     import jax
 
@@ -361,7 +369,8 @@ def open_source(entry: dict) -> Any:
         return generate_metaworld_dataset(entry["path"] or "data_cache/metaworld", tasks=entry["tasks"],
                                           episodes_per_task=int(entry["episodes_per_task"]),
                                           image_size=int(entry["image_size"]), cameras=cameras,
-                                          num_workers=int(entry["num_workers"]))
+                                          num_workers=int(entry["num_workers"]),
+                                          hand_start_noise=float(entry.get("hand_start_noise") or 0.0))
 
     if jax.process_index() == 0:
         path = generate()

@@ -46,6 +46,11 @@ class RolloutSettings:
     image_encoding: str = "jpeg"
     jpeg_quality: int = 95
     published_camera_pose: bool = True
+    # > 0: each training episode starts the hand at a seeded uniform offset of up to this many metres per axis from
+    # the task's start (clipped to the reachable box). With one fixed start, where the arm already is says where it
+    # is going, and a policy learns to continue its own motion instead of looking at the goal; evaluation keeps the
+    # task's start.
+    hand_start_noise: float = 0.0
 
 
 def set_gl_backend(backend: str) -> None:
@@ -99,6 +104,17 @@ def _make_env(task: str, settings: RolloutSettings):
     env.seeded_rand_vec = True
     policy = ENV_POLICY_MAP[name]()
     _current.update(task=task, settings=settings, env=env, policy=policy, camera_ids=camera_ids, fast=False)
+
+
+def place_hand_start(env: Any, layout_seed: int, noise: float) -> None:
+    """Sets where the next ``env.reset()`` puts the hand: the task's start, moved by a uniform offset in
+    ``[-noise, noise]`` per axis drawn from ``layout_seed`` when ``noise`` > 0."""
+    start = _current.setdefault("hand_start", np.array(env.hand_init_pos, np.float64))
+    if noise > 0:
+        offset = np.random.default_rng([int(layout_seed), 1]).uniform(-noise, noise, 3)
+        env.hand_init_pos = np.clip(start + offset, env.mocap_low, env.mocap_high)
+    else:
+        env.hand_init_pos = start.copy()
 
 
 def _render(camera_index: int) -> np.ndarray:
@@ -170,6 +186,7 @@ def record_episode(task: str, layout_seed: int, settings: RolloutSettings) -> di
         )
     env, policy = ensure_env(task, settings)
     env.seed(layout_seed)
+    place_hand_start(env, layout_seed, settings.hand_start_noise)
     obs, _ = env.reset()
     max_steps = min(settings.max_steps, env.max_path_length)
     images = {camera: [] for camera in settings.cameras}
