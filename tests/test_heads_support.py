@@ -12,6 +12,7 @@ import optax
 from flax import nnx
 
 import vlax.nn as vn
+from xla_flags import OPTIMISED
 from vlax.heads import get_head
 
 # Programs run only a few times compile in about half the time without XLA's backend optimisations.
@@ -141,7 +142,7 @@ def train(model: nnx.Module, batch_fn, steps: int, lr: float = 3e-3, seed: int =
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     opt_state = opt.init(params)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=OPTIMISED)  # hundreds of steps: optimised code pays
     def step(params, opt_state, key):
         k_batch, k_loss = jax.random.split(key)
 

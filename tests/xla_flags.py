@@ -5,6 +5,10 @@
 # 11.4 s -> 7.6 s). The programs compute the same functions; every parity tolerance holds at this level.
 COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 
+# A program that runs hundreds of steps (the toy trainings of the head tests) wins back its optimised compile many
+# times over: jit it with these options (the toy diffusion U-Net's 400 steps: 58 s at level 0, 27 s here).
+OPTIMISED = {"xla_backend_optimization_level": 3}
+
 
 def xla_flags(devices: int | None = None) -> str:
     """XLA_FLAGS for a test process: the compile flags, and `devices` fake CPU devices when given (else one)."""

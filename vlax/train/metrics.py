@@ -3,6 +3,7 @@ scalars to stdout, a JSON-lines file and TensorBoard."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -41,8 +42,10 @@ def compiled_flops(compiled) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
+@functools.cache
 def matmul_peak(dtype=jnp.float32, n: int | None = None) -> float:
-    """Measured FLOP/s of a large square matmul on the default device: the practical peak for ``dtype``."""
+    """Measured FLOP/s of a large square matmul on the default device: the practical peak for ``dtype``. Measured
+    once per process (about a second of matmuls): a machine's peak does not change between runs it hosts."""
     n = n or (8192 if jax.default_backend() == "gpu" else 1536)
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
