@@ -28,6 +28,9 @@ GL_BACKEND = flags.DEFINE_enum("gl_backend", "egl", ["egl", "osmesa"], "Headless
 PUBLISHED_POSE = flags.DEFINE_bool(
     "published_camera_pose", True, "Move corner2 to the published MT50 protocol's pose [0.75, 0.075, 0.7]."
 )
+HAND_START_NOISE = flags.DEFINE_float(
+    "hand_start_noise", 0.0, "Start each episode's hand up to this many metres per axis from the task's start."
+)
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a dataset generated with other arguments.")
 
 
@@ -45,6 +48,7 @@ def main(argv):
         steps_after_success=AFTER_SUCCESS.value,
         image_encoding=ENCODING.value,
         published_camera_pose=PUBLISHED_POSE.value,
+        hand_start_noise=HAND_START_NOISE.value,
         keep_failures=KEEP_FAILURES.value,
         num_shards=NUM_SHARDS.value,
         num_workers=NUM_WORKERS.value,
