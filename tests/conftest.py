@@ -48,9 +48,25 @@ def pytest_configure(config):
                                        "default)")
 
 
+# The files that take longest, longest first. `make test` hands whole files to two workers in collection order, and
+# alphabetical order put the heaviest (test_train_*) last, so one worker ran them alone while the other sat idle at
+# the end; starting them first lets the many small files fill in around them.
+HEAVY_FIRST = (
+    "test_train_loop.py", "test_train_multiprocess.py", "test_inference_finetune.py", "test_preset_helix.py",
+    "test_preset_openvla.py", "test_preset_octo.py", "test_train_reliability.py", "test_heads_learning.py",
+    "test_readme.py", "test_eval_metaworld.py", "test_preset_rt2.py", "test_train_distributed.py",
+    "test_preset_pi0_lerobot.py", "test_finetune_lerobot.py", "test_preset_diffusion_policy.py",
+    "test_preset_smolvla.py", "test_preset_act.py", "test_eval_metaworld_cameras.py", "test_preset_roboflamingo.py",
+    "test_finetune_rlds.py", "test_finetune_published.py", "test_heads_lifting.py",
+)
+
+
 @pytest.hookimpl(trylast=True)  # after -m has deselected
 def pytest_collection_modifyitems(config, items):
-    """Selecting an eight-device test in a process with fewer devices is a usage error, not a confusing failure."""
+    """The heavy files first (a stable sort: the order within a file and among the rest is kept). Selecting an
+    eight-device test in a process with fewer devices is a usage error, not a confusing failure."""
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))
     devices = len(jax.devices())
     needing = [item.nodeid for item in items if item.get_closest_marker("eight_devices")]
     if needing and devices < 8:

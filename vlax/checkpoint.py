@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 JSON_ITEMS = ("config", "policy", "normalization", "tokenizer", "data")
@@ -28,9 +29,20 @@ PathLike = str | os.PathLike | epath.Path
 # slice would be under 1 MiB are written whole by one replica; large ones (a pod's replicated weights) keep the
 # parallel write.
 REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES),
-    override=True)
+
+
+def _register_array_handler() -> None:
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # orbax warns on every override, which is the point here
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(
+                min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES), override=True)
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+_register_array_handler()
 
 
 def as_path(path: PathLike) -> epath.Path:
