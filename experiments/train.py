@@ -41,7 +41,7 @@ from vlax.tokenizers import ByteTokenizer, Tokenizer, WordTokenizer, load_tokeni
 from vlax.train import distributed  # noqa: E402
 from vlax.train.augment import shift_cameras  # noqa: E402
 from vlax.train.data_iterator import DataIterator  # noqa: E402
-from vlax.train.finetune import transplant_sharded  # noqa: E402
+from vlax.train.finetune import check_transplant, transplant_sharded  # noqa: E402
 from vlax.train.flops import count_flops  # noqa: E402
 from vlax.train.metrics import MetricWriter, matmul_peak, memory_report  # noqa: E402
 from vlax.train.nonfinite import NonFiniteLossError, guard_nonfinite, no_bad_step  # noqa: E402
@@ -178,6 +178,23 @@ def load_finetune_params(cfg: ml_collections.ConfigDict, state, spec) -> Any:
     return state
 
 
+def check_finetune_paths(cfg: ml_collections.ConfigDict, abstract_params: Any) -> None:
+    """For a vlax workdir in ``finetune.checkpoint``: every parameter of the new model is in the checkpoint with its
+    shape or matches ``finetune.reinit``, read from the checkpoint's metadata (published formats are checked when
+    they are read)."""
+    if detect_format(cfg.finetune.checkpoint) != "vlax":
+        return
+    ckpt = Checkpointer(checkpoints_dir(cfg.finetune.checkpoint))
+    try:
+        step = ckpt.latest_step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {cfg.finetune.checkpoint} to fine-tune from")
+        saved = ckpt.array_shapes(step)["params"]
+    finally:
+        ckpt.close()
+    check_transplant(nnx.to_pure_dict(abstract_params), saved, cfg.finetune.reinit)
+
+
 def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
     o = cfg.optim
     return OptimizerConfig(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, total_steps=cfg.train.steps,
@@ -266,7 +283,10 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
         return build_policy(cfg.model, spec, tokenizer.vocab_size, nnx.Rngs(cfg.seed))
 
     opt_cfg = optimizer_config(cfg)
-    tx = make_optimizer(opt_cfg, nnx.state(nnx.eval_shape(build), nnx.Param))
+    abstract_params = nnx.state(nnx.eval_shape(build), nnx.Param)
+    if resume_step is None and cfg.finetune.checkpoint:
+        check_finetune_paths(cfg, abstract_params)  # a missing or misshapen parameter, before anything compiles
+    tx = make_optimizer(opt_cfg, abstract_params)
     graphdef, state, shardings = create_train_state_sharded(build, tx, jax.random.key(cfg.seed), mesh=mesh,
                                                             use_ema=cfg.train.ema_decay > 0)
     num_params = count_params(state.params)

@@ -100,6 +100,11 @@ class Checkpointer:
         saved = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
         return getattr(getattr(saved, "item_metadata", saved), "tree", saved)
 
+    def array_shapes(self, step: int) -> Any:
+        """The saved state's array metadata (``.shape``, ``.dtype``) as :meth:`restore_raw` nests it, reading no
+        array: for checking a transplant before anything is built."""
+        return _unwrap_values(self.state_metadata(step))
+
     def restore_raw(self, step: int) -> Any:
         """The saved state as plain nested dicts of arrays, without a target (for transplanting into a new model).
 

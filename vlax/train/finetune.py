@@ -136,6 +136,41 @@ def place_on_shardings(sources: Any, shardings: Any, dtypes: Any = None) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: placed[_name(path)], shardings)
 
 
+def _plan(new: dict[str, Any], old: dict[str, Any], reinit: str,
+          layout: dict[str, Any] | None) -> tuple[list[str], dict[str, str]]:
+    """``(re-initialised target paths, {target path: checkpoint path})``; every problem raised at once. With
+    ``layout=None`` only names and shapes are checked (abstract targets, before any array exists)."""
+    pattern = re.compile(reinit) if reinit else None
+    reinitialised, problems, taken = [], [], {}
+    for name, value in new.items():
+        source = _source_name(name, old)
+        if (pattern is not None and pattern.search(name)) or (source is None and _LORA_ADAPTER.search(name)):
+            reinitialised.append(name)
+            if layout is not None and not isinstance(value, jax.Array):
+                problems.append(f"{name} matches reinit but the target has no initialised value (pass arrays)")
+            continue
+        if source is None:
+            problems.append(f"{name} {tuple(np.shape(value))} is not in the checkpoint")
+            continue
+        shape = _source_shape(old[source])
+        if shape is not None and shape != tuple(value.shape):
+            problems.append(f"{name}: checkpoint {shape} vs model {tuple(value.shape)}")
+            continue
+        if layout is not None and layout.get(name) is None:
+            problems.append(f"{name} has no sharding; pass shardings= or sharded target arrays")
+        taken[name] = source
+    if problems:
+        raise ValueError("cannot load the checkpoint into this model; re-initialise these with --config.finetune."
+                         "reinit=<regex> or fix the config:\n  " + "\n  ".join(problems))
+    return reinitialised, taken
+
+
+def check_transplant(target: Any, source: Mapping[str, Any], reinit: str = "") -> None:
+    """The name and shape checks of :func:`transplant_sharded` alone, on leaves that only need ``.shape``
+    (``jax.ShapeDtypeStruct``, a checkpoint's array metadata): run before the train state is built or compiled."""
+    _plan(_flat(target), _flat(source), reinit, None)
+
+
 def transplant_sharded(target: Any, source: Mapping[str, Any], reinit: str = "",
                        shardings: Any = None) -> tuple[Any, list[str], list[str]]:
     """:func:`transplant` that builds each array on its sharding: ``(params, reinitialised, unused)``.
@@ -147,31 +182,10 @@ def transplant_sharded(target: Any, source: Mapping[str, Any], reinit: str = "",
     called only for the paths used). ``shardings`` overrides the targets' own. Every problem found without loading
     (missing paths, shapes known up front) is reported at once, naming the fix.
     """
-    pattern = re.compile(reinit) if reinit else None
     old = _flat(source)
     new = _flat(target)
     layout = _flat(shardings) if shardings is not None else {n: getattr(v, "sharding", None) for n, v in new.items()}
-    reinitialised, problems, taken = [], [], {}
-    for name, value in new.items():
-        source = _source_name(name, old)
-        if (pattern is not None and pattern.search(name)) or (source is None and _LORA_ADAPTER.search(name)):
-            reinitialised.append(name)
-            if not isinstance(value, jax.Array):
-                problems.append(f"{name} matches reinit but the target has no initialised value (pass arrays)")
-            continue
-        if source is None:
-            problems.append(f"{name} {tuple(np.shape(value))} is not in the checkpoint")
-            continue
-        shape = _source_shape(old[source])
-        if shape is not None and shape != tuple(value.shape):
-            problems.append(f"{name}: checkpoint {shape} vs model {tuple(value.shape)}")
-            continue
-        if layout.get(name) is None:
-            problems.append(f"{name} has no sharding; pass shardings= or sharded target arrays")
-        taken[name] = source
-    if problems:
-        raise ValueError("cannot load the checkpoint into this model; re-initialise these with --config.finetune."
-                         "reinit=<regex> or fix the config:\n  " + "\n  ".join(problems))
+    reinitialised, taken = _plan(new, old, reinit, layout)
     placed = {}
     for name, value in new.items():
         if name in taken:  # one array at a time: loaded, cut into this process's shards, released
