@@ -157,14 +157,12 @@ def load_finetune_params(cfg: ml_collections.ConfigDict, state, spec) -> Any:
     :mod:`vlax.weights.policy_checkpoint`). Its normalization statistics are not used: the new data's are."""
     fmt = detect_format(cfg.finetune.checkpoint)
     if fmt == "vlax":
-        source = checkpoints_dir(cfg.finetune.checkpoint)
-        ckpt = Checkpointer(source)
-        step = ckpt.latest_step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint under {cfg.finetune.checkpoint} to fine-tune from")
-        old = ckpt.restore_raw(step)["params"]
-        ckpt.close()
-        origin = f"{source} step {step}"
+        ckpt, step = _finetune_checkpoint(cfg)
+        try:
+            old = ckpt.restore_raw(step)["params"]
+        finally:
+            ckpt.close()
+        origin = f"{ckpt.directory} step {step}"
     else:
         importer = cfg.finetune.get("importer") or {}
         old = read_policy_params(cfg.finetune.checkpoint, cfg.model, spec,
@@ -178,17 +176,24 @@ def load_finetune_params(cfg: ml_collections.ConfigDict, state, spec) -> Any:
     return state
 
 
+def _finetune_checkpoint(cfg: ml_collections.ConfigDict) -> tuple[Checkpointer, int]:
+    """The vlax workdir of ``finetune.checkpoint`` opened, and its newest step."""
+    ckpt = Checkpointer(checkpoints_dir(cfg.finetune.checkpoint))
+    step = ckpt.latest_step
+    if step is None:
+        ckpt.close()
+        raise FileNotFoundError(f"no checkpoint under {cfg.finetune.checkpoint} to fine-tune from")
+    return ckpt, step
+
+
 def check_finetune_paths(cfg: ml_collections.ConfigDict, abstract_params: Any) -> None:
     """For a vlax workdir in ``finetune.checkpoint``: every parameter of the new model is in the checkpoint with its
     shape or matches ``finetune.reinit``, read from the checkpoint's metadata (published formats are checked when
     they are read)."""
     if detect_format(cfg.finetune.checkpoint) != "vlax":
         return
-    ckpt = Checkpointer(checkpoints_dir(cfg.finetune.checkpoint))
+    ckpt, step = _finetune_checkpoint(cfg)
     try:
-        step = ckpt.latest_step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint under {cfg.finetune.checkpoint} to fine-tune from")
         saved = ckpt.array_shapes(step)["params"]
     finally:
         ckpt.close()

@@ -129,11 +129,11 @@ def module_norms(grads: Any, updates: Any, params: Any) -> dict:
     """Per top-level module (encoder, backbone, head, ...): ``grad_norm/<module>`` and ``update_ratio/<module>``,
     the norm of the step's update over the norm of the parameters. A module whose ratio stays orders of magnitude
     below the others' is barely learning, which the global gradient norm hides."""
+    updates, params = nnx.to_pure_dict(updates), nnx.to_pure_dict(params)
     out = {}
     for name, grad in nnx.to_pure_dict(grads).items():
-        update, param = nnx.to_pure_dict(updates)[name], nnx.to_pure_dict(params)[name]
         out[f"grad_norm/{name}"] = optax.tree.norm(grad)
-        out[f"update_ratio/{name}"] = optax.tree.norm(update) / jnp.maximum(optax.tree.norm(param), 1e-12)
+        out[f"update_ratio/{name}"] = optax.tree.norm(updates[name]) / jnp.maximum(optax.tree.norm(params[name]), 1e-12)
     return out
 
 

@@ -270,6 +270,8 @@ def generate_metaworld_dataset(
         raise ValueError(f"image_encoding must be 'jpeg' or 'png', got {image_encoding!r}")
     if gl_backend not in GL_BACKENDS:
         raise ValueError(f"gl_backend must be one of {GL_BACKENDS}, got {gl_backend!r}")
+    if hand_start_noise < 0:
+        raise ValueError(f"hand_start_noise={hand_start_noise}; use 0 (the task's start) or metres, e.g. 0.1")
     settings = sim.RolloutSettings(
         image_size=image_size,
         cameras=tuple(cameras),
@@ -279,8 +281,6 @@ def generate_metaworld_dataset(
         published_camera_pose=published_camera_pose,
         hand_start_noise=float(hand_start_noise),
     )
-    if hand_start_noise < 0:
-        raise ValueError(f"hand_start_noise={hand_start_noise}; use 0 (the task's start) or metres, e.g. 0.1")
     max_attempts = max_attempts_per_task or 2 * episodes_per_task + 10
     total = len(task_names) * episodes_per_task
     shards = num_shards or min(16, max(1, total // 4))
